@@ -1,0 +1,255 @@
+"""The one entry point: ``medsemi train | evaluate | predict | score | data | methods | bench | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+EPILOG = "Every command has its own --help. Configs: YAML files under configs/; dotted overrides a.b=value."
+
+
+def _run_dir(cfg, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.output_dir) / f"{cfg.name}-{cfg.method.name}-{stamp}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medsemi.config import load_config
+    from medsemi.engine import distributed as ddp
+    from medsemi.engine.trainer import Trainer
+    from medsemi.evaluation.report import evaluate_run
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+    else:
+        if not args.config:
+            raise SystemExit("medsemi train: give a CONFIG file (or --resume RUN_DIR)")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = _run_dir(cfg, args.run_dir)
+    trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
+    if ddp.is_main_process():
+        print(f"run directory: {run_dir}")
+        print(f"data: {trainer.splits.info.name} {trainer.splits.summary()}")
+    trainer.fit()
+    if not trainer.finished:
+        print(f"stopped at iteration {trainer.iteration}; continue with: medsemi train --resume {run_dir}")
+        return 130
+    if ddp.is_main_process() and not args.no_eval:
+        results = evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
+        print((run_dir / "report.md").read_text().split("\n## ")[0])
+        print(f"report: {run_dir / 'report.md'}")
+        del results
+    ddp.cleanup()
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medsemi.evaluation.report import CHECKPOINTS, evaluate_run
+
+    which = tuple(args.checkpoint) if args.checkpoint else tuple(CHECKPOINTS)
+    evaluate_run(args.run_dir, which=which, device=args.device)
+    print((Path(args.run_dir) / "report.md").read_text())
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medsemi.evaluation.predict import predict_folder
+
+    written = predict_folder(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
+    print(f"wrote {len(written)} mask(s) to {args.output_dir}")
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from medsemi.data.codecs import CODECS, index_codec
+    from medsemi.data.contract import LabelSpec
+    from medsemi.evaluation.score_folder import score_folders
+
+    if args.format == "index":
+        names = ("background",) + tuple(f"class{i}" for i in range(1, args.num_classes))
+        codec = index_codec(LabelSpec("exclusive", names))
+    else:
+        codec = CODECS[args.format]
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    out = args.out or args.pred_dir
+    result = score_folders(args.pred_dir, args.gt_dir, codec, out_dir=out, spacing=spacing)
+    print(Path(out, "scores.md").read_text())
+    del result
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from medsemi.data.synthetic2d import SyntheticConfig, write_fundus_layout
+
+    cfg = SyntheticConfig(kind=args.kind, num_domains=args.domains, size=args.size,
+                          train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
+                          seed=args.seed)
+    write_fundus_layout(cfg, args.out_dir)
+    print(f"wrote the synthetic {args.kind} dataset to {args.out_dir}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    if args.format in ("versemi", "h5"):
+        from medsemi.data.check3d import check_volumes
+
+        problems = check_volumes(args.root)
+        for p in problems:
+            print(p)
+        print(f"{len(problems)} problem(s)")
+        return 1 if problems else 0
+    from medsemi.data.check2d import check_dataset
+
+    report = check_dataset(args.root, args.format)
+    print(report.to_text())
+    return 1 if report.errors else 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from medsemi.data.convert2d import convert_to_generic
+
+    convert_to_generic(args.format, args.root, args.out_dir, lb_domain=args.lb_domain, lb_num=args.lb_num)
+    print(f"converted {args.root} ({args.format}) to the generic format in {args.out_dir}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from medsemi.data.prepare3d import prepare_dataset
+
+    prepare_dataset(args.kind, args.src_dir, args.out_dir)
+    print(f"prepared {args.kind} into {args.out_dir}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from medsemi.methods.registry import available_methods
+
+    for name, cls in available_methods().items():
+        opts = [f.name for f in dataclasses.fields(cls.Options) if f.name != "name"]
+        print(f"{name:14s} {cls.description}")
+        if opts:
+            print(f"{'':14s} options: {', '.join(opts)}")
+    return 0
+
+
+def cmd_bench_compare(args: argparse.Namespace) -> int:
+    from medsemi.evaluation.compare import compare_methods
+
+    compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medsemi.evaluation.compare import run_demo
+
+    run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medsemi", description=__doc__, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method from a YAML config",
+                       description="Train a method. Example: medsemi train configs/demo.yaml train.iterations=200")
+    p.add_argument("config", nargs="?", help="YAML experiment config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.base_channels=16")
+    p.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<method>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run's checkpoints per domain, write report.md + eval.json")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", action="append",
+                   choices=["best_test", "best_val", "last_student", "last_teacher"],
+                   help="which checkpoint(s) (default: all present)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment new images with a checkpoint; masks in the dataset's encoding")
+    p.add_argument("checkpoint", help="a .pt file from a run's checkpoints/ (best_test.pt, best_val.pt)")
+    p.add_argument("input_dir", help="folder of images (PNG/JPG for 2D models, NIfTI for 3D models)")
+    p.add_argument("output_dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("score", help="score a folder of predicted masks against ground truth (evaluate_folder)")
+    p.add_argument("pred_dir")
+    p.add_argument("gt_dir")
+    p.add_argument("--format", default="index", choices=["fundus", "prostate", "busi", "mnms", "index"],
+                   help="mask encoding (index: pixel value = class index)")
+    p.add_argument("--num-classes", type=int, default=2, help="classes incl. background for --format index")
+    p.add_argument("--spacing", help="pixel spacing, e.g. 0.5,0.5 (default: pixels, or the NIfTI header)")
+    p.add_argument("--out", help="where to write scores.json / scores.md (default: PRED_DIR)")
+    p.set_defaults(func=cmd_score)
+
+    data = sub.add_parser("data", help="dataset tools: synth, check, convert, prepare")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("synth", help="write the embedded synthetic dataset in the Fundus (or ProstateSlice) layout")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", default="multilabel", choices=["multilabel", "exclusive"])
+    p.add_argument("--domains", type=int, default=4)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--train-per-domain", type=int, default=40)
+    p.add_argument("--test-per-domain", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+    p = dsub.add_parser("check", help="report counts, sizes, label values and every problem, per domain/split")
+    p.add_argument("root")
+    p.add_argument("--format", required=True, choices=["fundus", "prostate", "mnms", "busi", "generic", "versemi"])
+    p.set_defaults(func=cmd_data_check)
+    p = dsub.add_parser("convert", help="convert a dataset to the generic (nnU-Net-like) multi-domain format")
+    p.add_argument("root")
+    p.add_argument("out_dir")
+    p.add_argument("--format", required=True, choices=["fundus", "prostate", "mnms", "busi"])
+    p.add_argument("--lb-domain", type=int, default=1)
+    p.add_argument("--lb-num", type=int, default=20)
+    p.set_defaults(func=cmd_data_convert)
+    p = dsub.add_parser("prepare", help="prepare a 3D dataset (NIfTI) into VerSemi's HDF5 layout")
+    p.add_argument("kind", choices=["pancreas", "la", "spleen", "lung"])
+    p.add_argument("src_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("methods", help="list the registered methods and their options")
+    p.set_defaults(func=cmd_methods)
+
+    bench = sub.add_parser("bench", help="benchmarks: compare methods over seeds")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bsub.add_parser("compare", help="train several methods over several seeds; table (MD, CSV) + bar chart")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--methods", default="supervised,ustrun")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(func=cmd_bench_compare)
+
+    p = sub.add_parser("demo", help="supervised vs UST-RUN on the embedded synthetic data (CPU, a few minutes)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from medsemi.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"medsemi {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

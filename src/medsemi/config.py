@@ -1,0 +1,252 @@
+"""Typed experiment configuration: dataclasses loaded from YAML, with dotted overrides.
+
+``medsemi train configs/demo.yaml train.iterations=200 model.base_channels=16``
+
+Every section is a dataclass; unknown keys are an error that lists the valid ones. The
+``method`` section is validated against the options dataclass of the chosen method
+(``methods/registry.py``), so ``method.threshold=0.9`` is checked like any other key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medsemi.data.augment import AugmentConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that says how to fix it."""
+
+
+@dataclass
+class SyntheticSection:
+    """The embedded synthetic mixed-domain 2D dataset (``data.format: synthetic``)."""
+
+    kind: str = "multilabel"  # multilabel (fundus-like cup/disc) | exclusive (one organ)
+    num_domains: int = 4
+    train_per_domain: int = 40
+    test_per_domain: int = 16
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    format: str = "synthetic"  # synthetic | fundus | prostate | mnms | busi | generic | versemi | synthetic3d
+    root: str = ""
+    lb_domain: int = 1  # 1-based, as in the papers
+    lb_num: int = 20
+    lb_ratio: float = 0.0  # > 0: lb_num = int(lb_ratio * total training images), spec 1.2
+    patch_size: int = 64
+    val_fraction: float = 0.0  # > 0: a seeded per-domain validation split for honest model selection
+    split_seed: int = 0
+    list_dir: str = ""  # optional per-domain list files that fix the file order
+    check: bool = True  # run `data check` before training and refuse data with errors
+    synthetic: SyntheticSection = field(default_factory=SyntheticSection)
+    options: dict[str, Any] = field(default_factory=dict)  # format-specific extras (e.g. 3D crop size)
+
+
+@dataclass
+class ModelSection:
+    name: str = "unet2d"  # unet2d | versemi_vnet
+    base_channels: int = 64
+    channels_last: bool = False
+
+
+@dataclass
+class TrainSection:
+    iterations: int = 30000
+    batch_size: int = 4
+    unlabelled_batch_size: int = 4
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    schedule: str = "poly"  # poly | constant
+    poly_power: float = 0.9
+    ema_decay: float = 0.99
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every: int = 500  # also the "epoch" length of spec 1.3
+    checkpoint_every: int = 500
+    log_every: int = 20
+    deterministic: bool = False
+    progress_bar: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = 8
+    evaluate_teacher: bool = True
+    surface_metrics: str = "final"  # final | every | never : when HD95/ASD are computed
+    hd95: str = "medpy"  # medpy (pooled) | max_directed
+    empty_prediction_penalty: float = 100.0
+    gt_empty_policy: str = "skip"  # skip | penalty
+    both_empty_score: float = 1.0
+    overlays: int = 4  # prediction overlay images per domain in the report
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    seed: int = 1337
+    output_dir: str = "runs"
+    data: DataSection = field(default_factory=DataSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    method: Any = None  # the chosen method's options dataclass (has a ``name`` field)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], where) for v in value)
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is list or tp is list:
+        return list(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, raw: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(where + '.' + k if where else k) for k in unknown)}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _method_options(raw: dict | None) -> Any:
+    from medsemi.methods.registry import get_method  # late import: methods import config types
+
+    raw = dict(raw or {"name": "supervised"})
+    name = raw.get("name", "supervised")
+    method_cls = get_method(name)
+    raw["name"] = name
+    return _from_dict(method_cls.Options, raw, "method")
+
+
+def config_from_dict(raw: dict) -> Config:
+    raw = dict(raw or {})
+    method_raw = raw.pop("method", None)
+    cfg = _from_dict(Config, raw, "")
+    cfg.method = _method_options(method_raw)
+    return cfg
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=true"]`` -> ``[("a.b", 3), ("c", True)]`` (values parsed as YAML)."""
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, text = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, and validate every key and type."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(_plain(config_to_dict(cfg)), sort_keys=False))

@@ -1,0 +1,649 @@
+"""Embedded synthetic mixed-domain 2D dataset (no download): the default data of the demo and the tests.
+
+A seeded generator of 2D images from ``K`` domains that look like different scanners / sites. The
+*anatomy* (shape, position and size of the structures) is drawn per image; the *domain* only changes the
+appearance (colour or intensity mapping, contrast, blur, noise, smooth bias field, texture) plus a mild
+change of size statistics. So the task is learnable across domains but carries a real domain shift, the
+setting of mixed-domain semi-supervised segmentation (spec ust-run.md 1.1).
+
+Two targets (``SyntheticConfig.kind``):
+
+- ``"multilabel"`` -- fundus-like (spec 2.1): an RGB image of a retina background with texture and dark
+  vessel-like curves radiating from a bright elliptical optic "disc" that holds a brighter "cup"
+  (cup inside disc). Label: float32 ``(2, H, W)``, channels (cup, disc), the disc channel includes the cup
+  (the ``FUNDUS`` codec's spec).
+- ``"exclusive"`` -- prostate-MRI-like (spec 2.2): a grey slice with a body outline, muscles, rectum,
+  sometimes a bladder, and one organ-like blob (irregular smooth boundary, brighter periphery and darker
+  centre). Label: int64 ``(H, W)`` in {0, 1}. Slices come in "cases" of ``SLICES_PER_CASE`` consecutive
+  slices through the same organ (its size follows the slice position), so a few percent of the slices,
+  at the ends of a case, have no foreground -- as in the real prostate slice sets.
+
+Domain styles (index 0-based = folder ``Domain1``...). Multi-label (fundus-like):
+
+1. *Drishti-like*: warm orange-brown retina, yellow disc, near-white cup, mild blur, little noise.
+2. *RIM-ONE-like*: dark red, low-contrast image (gamma 1.3), strong reddish blotchy texture, blurrier,
+   slightly smaller discs.
+3. *REFUGE/Zeiss-like*: olive-green tint (channel mixing), circular black field-of-view border, strong
+   smooth illumination (bias) field, smaller discs.
+4. *REFUGE/Canon-like*: pale pink, bright, washed-out image (gamma 0.7, low saturation), sharp with
+   strong sensor noise.
+5. *red-free-like*: grey image (green channel copied to all channels), high contrast.
+6. *blue-tinted*: cold channel mix, heavy blur.
+
+Exclusive (prostate-MRI-like):
+
+1. *BIDMC-like*: dark image with an endorectal-coil hot spot (strong local bias), moderate noise.
+2. *HK/BMC-like*: mid grey, high contrast, fine texture.
+3. *I2CVB-like*: bright, sharp and noisy (Rician-like noise), organ less contrasted against muscle.
+4. *UCL/RUNMC-like*: inverted tissue contrast -- bright fat, dark organ periphery, bright organ centre.
+5. *low-field-like*: very blurry, low contrast, heavy noise.
+6. *gamma-compressed*: gamma 0.5, bright background, weak bias field.
+
+With more than six domains, the extra styles are drawn at random from a fixed seed per domain index.
+
+The split rule of ``build_synthetic_splits`` is the papers' (spec 1.2): labelled = the first ``lb_num``
+training images of the labelled domain, unlabelled = the rest of that domain plus every training image of
+the other domains, one test set per domain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medsemi.data.codecs import FUNDUS, PROSTATE
+from medsemi.data.contract import DatasetInfo
+from medsemi.data.datasets import Splits, TensorDataset2D
+
+KINDS = ("multilabel", "exclusive")
+SPLITS = ("train", "test")
+SLICES_PER_CASE = 12
+"""Exclusive kind: consecutive slices per synthetic "case" (file names ``CC_SS.png``)."""
+
+
+@dataclass
+class SyntheticConfig:
+    """What to generate. ``train_per_domain``: one count for all domains or one per domain."""
+
+    kind: str = "multilabel"
+    num_domains: int = 4
+    size: int = 64
+    train_per_domain: tuple[int, ...] | int = 40
+    test_per_domain: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"synthetic2d: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.num_domains, int) or self.num_domains < 1:
+            raise ValueError(f"synthetic2d: num_domains must be a positive int, got {self.num_domains!r}")
+        if not isinstance(self.size, int) or not 16 <= self.size <= 1024:
+            raise ValueError(f"synthetic2d: size must be an int in [16, 1024] (64-384 intended), got {self.size!r}")
+        counts = self.train_counts()
+        if any((not isinstance(c, int)) or c < 0 for c in counts) or self.test_per_domain < 0:
+            raise ValueError(f"synthetic2d: image counts must be non-negative ints, got train "
+                             f"{self.train_per_domain!r}, test {self.test_per_domain!r}")
+
+    def train_counts(self) -> tuple[int, ...]:
+        """Training images per domain, domain order."""
+        if isinstance(self.train_per_domain, int):
+            return (self.train_per_domain,) * self.num_domains
+        counts = tuple(self.train_per_domain)
+        if len(counts) != self.num_domains:
+            raise ValueError(f"synthetic2d: train_per_domain has {len(counts)} entries but num_domains is "
+                             f"{self.num_domains}")
+        return counts
+
+    def count(self, domain: int, split: str) -> int:
+        return self.train_counts()[domain] if split == "train" else self.test_per_domain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Domain styles
+
+
+@dataclass(frozen=True)
+class FundusStyle:
+    """Appearance of one fundus-like domain. Colours are RGB in [0, 1] before the global mapping."""
+
+    description: str
+    background: tuple[float, float, float]
+    disc: tuple[float, float, float]
+    cup: tuple[float, float, float]
+    vessel: tuple[float, float, float]
+    mix: tuple[tuple[float, float, float], ...] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))  # out_c = sum mix[c][k] in_k
+    gamma: float = 1.0
+    contrast: float = 1.0
+    blur: float = 0.5  # Gaussian sigma in pixels at 64 px (scaled with the size)
+    noise: float = 0.01
+    bias: float = 0.1  # strength of the smooth multiplicative illumination field
+    texture: float = 0.04
+    texture_scale: float = 3.0  # correlation length in pixels at 64 px
+    fov: bool = False  # circular field-of-view border (black outside)
+    size_scale: float = 1.0  # mild shape statistics: disc radius multiplier
+
+
+@dataclass(frozen=True)
+class ProstateStyle:
+    """Appearance of one MRI-like domain: tissue intensities in [0, 1] then the global mapping."""
+
+    description: str
+    air: float
+    body: float
+    muscle: float
+    organ_periphery: float
+    organ_centre: float
+    rectum: float
+    bladder: float
+    gamma: float = 1.0
+    contrast: float = 1.0
+    blur: float = 0.5
+    noise: float = 0.02
+    rician: bool = False
+    bias: float = 0.15
+    coil: float = 0.0  # endorectal-coil hot spot strength
+    texture: float = 0.04
+    texture_scale: float = 2.0
+    size_scale: float = 1.0
+
+
+FUNDUS_STYLES: tuple[FundusStyle, ...] = (
+    FundusStyle("Drishti-like: warm orange-brown, yellow disc, mild blur, little noise",
+                (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
+                blur=0.5, noise=0.01, bias=0.10, texture=0.03),
+    FundusStyle("RIM-ONE-like: dark red, low contrast, blotchy red texture, blurrier, smaller discs",
+                (0.40, 0.10, 0.05), (0.70, 0.34, 0.20), (0.82, 0.46, 0.30), (0.26, 0.04, 0.02),
+                gamma=1.3, contrast=0.85, blur=1.0, noise=0.015, bias=0.15, texture=0.08,
+                texture_scale=5.0, size_scale=0.9),
+    FundusStyle("REFUGE/Zeiss-like: olive-green mix, circular field of view, strong illumination field",
+                (0.50, 0.34, 0.12), (0.90, 0.78, 0.40), (0.98, 0.92, 0.62), (0.36, 0.14, 0.05),
+                mix=((0.55, 0.40, 0.05), (0.25, 0.70, 0.05), (0.05, 0.20, 0.75)),
+                blur=0.7, noise=0.015, bias=0.35, texture=0.04, fov=True, size_scale=0.85),
+    FundusStyle("REFUGE/Canon-like: pale pink, washed out, sharp with strong sensor noise",
+                (0.80, 0.45, 0.36), (0.96, 0.80, 0.66), (1.0, 0.93, 0.86), (0.62, 0.20, 0.16),
+                mix=((0.85, 0.10, 0.05), (0.20, 0.70, 0.10), (0.20, 0.20, 0.60)),
+                gamma=0.7, contrast=0.9, blur=0.2, noise=0.05, bias=0.10, texture=0.03,
+                texture_scale=1.5, size_scale=0.9),
+    FundusStyle("red-free-like: grey (green channel everywhere), high contrast",
+                (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
+                mix=((0, 1, 0), (0, 1, 0), (0, 1, 0)), contrast=1.4, blur=0.5, noise=0.02),
+    FundusStyle("blue-tinted: cold channel mix, heavy blur",
+                (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
+                mix=((0.2, 0.3, 0.5), (0.3, 0.5, 0.2), (0.7, 0.2, 0.1)), blur=1.5, noise=0.02),
+)
+
+PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
+    ProstateStyle("BIDMC-like: dark, endorectal-coil hot spot, moderate noise",
+                  0.0, 0.16, 0.08, 0.32, 0.20, 0.04, 0.45, gamma=1.1, blur=0.6, noise=0.02, coil=0.9,
+                  bias=0.15, texture=0.03),
+    ProstateStyle("HK/BMC-like: mid grey, high contrast, fine texture",
+                  0.02, 0.45, 0.16, 0.62, 0.38, 0.08, 0.85, contrast=1.2, blur=0.4, noise=0.02,
+                  texture=0.06, texture_scale=1.2, size_scale=1.05),
+    ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, organ close to muscle",
+                  0.03, 0.60, 0.45, 0.78, 0.55, 0.20, 0.95, blur=0.2, noise=0.06, rician=True,
+                  texture=0.05, size_scale=0.95),
+    ProstateStyle("UCL/RUNMC-like: inverted contrast, bright fat, dark organ periphery, bright centre",
+                  0.0, 0.78, 0.30, 0.12, 0.45, 0.85, 0.15, blur=0.5, noise=0.025, bias=0.2,
+                  texture=0.04),
+    ProstateStyle("low-field-like: very blurry, low contrast, heavy noise",
+                  0.05, 0.40, 0.28, 0.55, 0.42, 0.15, 0.70, contrast=0.7, blur=1.6, noise=0.07),
+    ProstateStyle("gamma-compressed: gamma 0.5, bright background, weak bias",
+                  0.10, 0.35, 0.12, 0.45, 0.25, 0.05, 0.60, gamma=0.5, blur=0.5, noise=0.02, bias=0.05),
+)
+
+
+def _random_fundus_style(domain: int) -> FundusStyle:
+    rng = np.random.default_rng((7919, domain))
+    base = FUNDUS_STYLES[0]
+    mix = rng.dirichlet(np.ones(3) * 2.0, size=3)
+    return replace(base, description=f"random style #{domain + 1}",
+                   mix=tuple(tuple(float(v) for v in row) for row in mix),
+                   gamma=float(rng.uniform(0.6, 1.5)), contrast=float(rng.uniform(0.7, 1.3)),
+                   blur=float(rng.uniform(0.2, 1.5)), noise=float(rng.uniform(0.005, 0.05)),
+                   bias=float(rng.uniform(0.05, 0.35)), size_scale=float(rng.uniform(0.85, 1.05)))
+
+
+def _random_prostate_style(domain: int) -> ProstateStyle:
+    rng = np.random.default_rng((7927, domain))
+    t = rng.uniform(0.0, 1.0, 7)
+    return ProstateStyle(f"random style #{domain + 1}", 0.02, *(float(v) for v in t[:6]),
+                         gamma=float(rng.uniform(0.6, 1.5)), blur=float(rng.uniform(0.2, 1.5)),
+                         noise=float(rng.uniform(0.01, 0.06)), bias=float(rng.uniform(0.05, 0.3)),
+                         size_scale=float(rng.uniform(0.9, 1.05)))
+
+
+def domain_style(kind: str, domain: int) -> FundusStyle | ProstateStyle:
+    """The style of domain ``domain`` (0-based): a preset for the first six, then a seeded random one."""
+    if kind not in KINDS:
+        raise ValueError(f"synthetic2d: kind must be one of {KINDS}, got {kind!r}")
+    presets: tuple[Any, ...] = FUNDUS_STYLES if kind == "multilabel" else PROSTATE_STYLES
+    if domain < len(presets):
+        return presets[domain]
+    return _random_fundus_style(domain) if kind == "multilabel" else _random_prostate_style(domain)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared vectorised helpers (all arrays (N, H, W); parameters (N, 1, 1))
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [0, 1): y, x of shape (1, H, W)."""
+    c = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return c[None, :, None] * np.ones((1, 1, size), np.float32), c[None, None, :] * np.ones((1, size, 1), np.float32)
+
+
+def _col(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values, np.float32).reshape(-1, 1, 1)
+
+
+def _blob_radius(y: np.ndarray, x: np.ndarray, cy: np.ndarray, cx: np.ndarray, ry: np.ndarray,
+                 rx: np.ndarray, rot: np.ndarray, harm: np.ndarray, phase: np.ndarray) -> np.ndarray:
+    """Normalised radius of a rotated ellipse with a smooth irregular boundary (<1 inside).
+
+    ``harm``/``phase``: (N, M) amplitudes/phases of boundary harmonics 2..M+1 (radius multiplied by
+    ``1 + sum_m a_m cos(m phi + p_m)``).
+    """
+    dy, dx = y - cy, x - cx
+    c, s = np.cos(rot), np.sin(rot)
+    u = (c * dx + s * dy) / rx
+    v = (-s * dx + c * dy) / ry
+    phi = np.arctan2(v, u)
+    boundary = np.ones_like(phi)
+    for m in range(harm.shape[1]):
+        boundary = boundary + _col(harm[:, m]) * np.cos((m + 2) * phi + _col(phase[:, m]))
+    return np.sqrt(u * u + v * v) / boundary
+
+
+def _smooth_noise(noise: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian-smoothed white noise, rescaled to unit std per image."""
+    f = ndimage.gaussian_filter(noise, sigma=(0, sigma, sigma), mode="wrap")
+    std = f.std(axis=(1, 2), keepdims=True)
+    return f / np.maximum(std, 1e-6)
+
+
+def _bias_field(coef: np.ndarray, y: np.ndarray, x: np.ndarray, strength: float) -> np.ndarray:
+    """Smooth multiplicative field exp(strength * quadratic polynomial), coef (N, 5)."""
+    yy, xx = y - 0.5, x - 0.5
+    poly = (_col(coef[:, 0]) * xx + _col(coef[:, 1]) * yy + _col(coef[:, 2]) * xx * yy * 2
+            + _col(coef[:, 3]) * (xx * xx * 2 - 0.17) + _col(coef[:, 4]) * (yy * yy * 2 - 0.17))
+    return np.exp(strength * poly).astype(np.float32)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+
+
+def _finish(img: np.ndarray, blur_px: float, noise: np.ndarray, noise_level: float, gamma: float,
+            contrast: float, rician: np.ndarray | None = None) -> np.ndarray:
+    """Gamma, contrast around 0.5, blur, additive (or Rician-like) noise, clip, 8-bit quantisation."""
+    spatial_axes = (0, 2, 3) if img.ndim == 4 else (0, 1, 2)
+    img = np.clip(img, 0.0, None) ** gamma
+    img = 0.5 + contrast * (img - 0.5)
+    if blur_px > 0:
+        sig = [0.0] * img.ndim
+        sig[spatial_axes[1]] = sig[spatial_axes[2]] = blur_px
+        img = ndimage.gaussian_filter(img, sigma=sig, mode="nearest")
+    if rician is not None:
+        img = np.sqrt((img + noise_level * noise) ** 2 + (noise_level * rician) ** 2)
+    else:
+        img = img + noise_level * noise
+    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fundus-like (multi-label)
+
+_N_VESSELS = 7
+
+
+def _fundus_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> dict[str, np.ndarray]:
+    """Per-image random draws, one generator per image (image i does not depend on n)."""
+    size = cfg.size
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        rng = np.random.default_rng((cfg.seed, 0, domain, SPLITS.index(split), i))
+        rows.append({
+            "centre": rng.uniform(0.38, 0.62, 2),
+            "radius": rng.uniform(0.14, 0.21),
+            "aspect": rng.uniform(0.85, 1.15),
+            "rot": rng.uniform(0, math.pi),
+            "harm": rng.uniform(-0.05, 0.05, 3),
+            "phase": rng.uniform(0, 2 * math.pi, 3),
+            "cup_ratio": rng.uniform(0.35, 0.65),
+            "cup_shift": rng.uniform(-0.15, 0.15, 2),
+            "cup_aspect": rng.uniform(0.85, 1.15),
+            "cup_harm": rng.uniform(-0.06, 0.06, 3),
+            "cup_phase": rng.uniform(0, 2 * math.pi, 3),
+            "v_angle": rng.uniform(0, 2 * math.pi) + np.arange(_N_VESSELS) * 2 * math.pi / _N_VESSELS
+            + rng.uniform(-0.3, 0.3, _N_VESSELS),
+            "v_curl": rng.uniform(-2.5, 2.5, _N_VESSELS),
+            "v_wave": rng.uniform(-0.3, 0.3, _N_VESSELS),
+            "v_freq": rng.uniform(4, 12, _N_VESSELS),
+            "v_width": rng.uniform(0.6, 1.3, _N_VESSELS),
+            "bias": rng.normal(0, 1, 5),
+            "fov": np.concatenate([rng.uniform(-0.25, 0.25, 2), rng.uniform(0.55, 0.7, 1)]),
+            "jitter": rng.normal(0, 0.03, 3),
+            "texture": rng.standard_normal((size, size), dtype=np.float32),
+            "noise": rng.standard_normal((3, size, size), dtype=np.float32),
+        })
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]} if rows else {}
+
+
+def _render_fundus(cfg: SyntheticConfig, domain: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 3, H, W) and float32 labels (N, 2, H, W) (cup, disc)."""
+    size = cfg.size
+    if n == 0:
+        return np.zeros((0, 3, size, size), np.uint8), np.zeros((0, 2, size, size), np.float32)
+    st = domain_style("multilabel", domain)
+    assert isinstance(st, FundusStyle)
+    p = _fundus_params(cfg, domain, split, n)
+    y, x = _grid(size)
+    px = 1.0 / size  # one pixel in normalised units
+    cy, cx = _col(p["centre"][:, 0]), _col(p["centre"][:, 1])
+    r = _col(p["radius"]) * st.size_scale
+    ry, rx = r * np.sqrt(_col(p["aspect"])), r / np.sqrt(_col(p["aspect"]))
+    rot = _col(p["rot"])
+    rho_disc = _blob_radius(y, x, cy, cx, ry, rx, rot, p["harm"], p["phase"])
+    ccy = cy + _col(p["cup_shift"][:, 0]) * r
+    ccx = cx + _col(p["cup_shift"][:, 1]) * r
+    cr = r * _col(p["cup_ratio"])
+    cry, crx = cr * np.sqrt(_col(p["cup_aspect"])), cr / np.sqrt(_col(p["cup_aspect"]))
+    rho_cup = _blob_radius(y, x, ccy, ccx, cry, crx, rot, p["cup_harm"], p["cup_phase"])
+    disc = rho_disc <= 1.0
+    cup = (rho_cup <= 1.0) & disc
+    label = np.stack([cup, disc], axis=1).astype(np.float32)
+
+    # soft appearance layers: the disc edge is ~1 px wide, the cup edge (pallor) ~2 px
+    soft_disc = _sigmoid((1.0 - rho_disc) * r / (0.8 * px))
+    soft_cup = _sigmoid((1.0 - rho_cup) * cr / (1.5 * px)) * soft_disc
+
+    # vessels: curves in polar coordinates around the disc centre, thinning outwards
+    dy, dx = y - cy, x - cx
+    rad = np.sqrt(dy * dy + dx * dx)
+    ang = np.arctan2(dy, dx)
+    expo = np.full_like(rad, -np.inf)  # max over vessels of the Gaussian profile's exponent
+    inv_width = 1.0 / (px * (1.6 - rad) * max(1.0, size / 64) ** 0.5)
+    two_pi = np.float32(2 * math.pi)
+    for j in range(_N_VESSELS):
+        theta = (_col(p["v_angle"][:, j]) + _col(p["v_curl"][:, j]) * rad
+                 + _col(p["v_wave"][:, j]) * np.sin(_col(p["v_freq"][:, j]) * rad))
+        d = (np.remainder(ang - theta + math.pi, two_pi) - math.pi) * rad * inv_width  # arc distance / width
+        np.maximum(expo, -(d * d) * _col(1.0 / p["v_width"][:, j] ** 2), out=expo)
+    vessels = np.exp(expo)
+    vessels = vessels * _sigmoid((rad - 0.3 * r) / (1.5 * px))
+
+    tex = _smooth_noise(p["texture"], st.texture_scale * size / 64)
+    bg = np.asarray(st.background, np.float32)[None, :, None, None]
+    dc = np.asarray(st.disc, np.float32)[None, :, None, None]
+    cu = np.asarray(st.cup, np.float32)[None, :, None, None]
+    ve = np.asarray(st.vessel, np.float32)[None, :, None, None]
+    sd, sc, sv = soft_disc[:, None], soft_cup[:, None], vessels[:, None]
+    img = bg * (1 + st.texture * 4 * tex[:, None]) + sd * (dc - bg) + sc * (cu - dc)
+    img = img * (1 - 0.85 * sv) + sv * 0.85 * ve
+    img = img * (1 + p["jitter"][:, :, None, None].astype(np.float32))
+    mix = np.asarray(st.mix, np.float32)
+    img = np.einsum("ck,nkhw->nchw", mix, img)
+    img = img * _bias_field(p["bias"], y, x, st.bias)[:, None]
+    if st.fov:
+        fy, fx = _col(p["fov"][:, 0]), _col(p["fov"][:, 1])
+        fr = _col(p["fov"][:, 2])
+        dist = np.sqrt((y - 0.5 - fy) ** 2 + (x - 0.5 - fx) ** 2)
+        img = img * _sigmoid((fr - dist) / (1.5 * px))[:, None]
+    out = _finish(img, st.blur * size / 64, p["noise"], st.noise, st.gamma, st.contrast)
+    return out, label
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prostate-like (exclusive)
+
+
+def _prostate_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> dict[str, np.ndarray]:
+    """Per-case anatomy (``SLICES_PER_CASE`` consecutive slices) plus per-slice jitter and noise."""
+    size = cfg.size
+    rows: list[dict[str, Any]] = []
+    case_cache: dict[int, dict[str, Any]] = {}
+    for i in range(n):
+        case, t = divmod(i, SLICES_PER_CASE)
+        if case not in case_cache:
+            crng = np.random.default_rng((cfg.seed, 1, domain, SPLITS.index(split), case, 0))
+            case_cache = {case: {
+                "centre": np.array([crng.uniform(0.42, 0.56), crng.uniform(0.42, 0.58)]),
+                "radius": crng.uniform(0.11, 0.17),
+                "aspect": crng.uniform(0.75, 1.1),
+                "harm": crng.uniform(-0.07, 0.07, 3),
+                "phase": crng.uniform(0, 2 * math.pi, 3),
+                "extent": crng.uniform(0.85, 1.15),  # how far the organ reaches towards the case ends
+                "body": np.array([crng.uniform(0.36, 0.42), crng.uniform(0.44, 0.49)]),
+                "muscle": np.array([crng.uniform(0.2, 0.26), crng.uniform(0.07, 0.1), crng.uniform(0.1, 0.16)]),
+            }}
+        c = case_cache[case]
+        rng = np.random.default_rng((cfg.seed, 1, domain, SPLITS.index(split), case, t + 1))
+        # slice position in (-1, 1); organ radius follows a rounded profile and vanishes past |pos| > extent
+        pos = (t + 0.5) / SLICES_PER_CASE * 2 - 1
+        prof_arg = 1.0 - (pos / (c["extent"] * 0.97)) ** 2
+        prof = math.sqrt(max(prof_arg, 0.0)) ** 0.5 if prof_arg > 0.06 else 0.0
+        rows.append({
+            "centre": c["centre"] + rng.normal(0, 0.01, 2),
+            "radius": c["radius"] * prof * rng.uniform(0.95, 1.05),
+            "aspect": c["aspect"],
+            "rot": rng.uniform(-0.15, 0.15),
+            "harm": c["harm"] + rng.normal(0, 0.01, 3),
+            "phase": c["phase"],
+            "body": c["body"],
+            "muscle": c["muscle"] * rng.uniform(0.95, 1.05, 3),
+            "bladder": rng.uniform(0.06, 0.12) * (pos < -0.2),
+            "rectum": rng.uniform(0.05, 0.075),
+            "bias": rng.normal(0, 1, 5),
+            "jitter": rng.normal(0, 0.03),
+            "texture": rng.standard_normal((size, size), dtype=np.float32),
+            "noise": rng.standard_normal((2, size, size), dtype=np.float32),
+        })
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]} if rows else {}
+
+
+def _render_prostate(cfg: SyntheticConfig, domain: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 1, H, W) and int64 labels (N, H, W)."""
+    size = cfg.size
+    if n == 0:
+        return np.zeros((0, 1, size, size), np.uint8), np.zeros((0, size, size), np.int64)
+    st = domain_style("exclusive", domain)
+    assert isinstance(st, ProstateStyle)
+    p = _prostate_params(cfg, domain, split, n)
+    y, x = _grid(size)
+    px = 1.0 / size
+    cy, cx = _col(p["centre"][:, 0]), _col(p["centre"][:, 1])
+    r = _col(p["radius"]) * st.size_scale
+    present = r > 0
+    r_safe = np.where(present, r, 1e-3)
+    ry, rx = r_safe * _col(p["aspect"]), r_safe
+    rho = _blob_radius(y, x, cy, cx, ry, rx, _col(p["rot"]), p["harm"], p["phase"])
+    organ = (rho <= 1.0) & present
+    label = organ.astype(np.int64)
+
+    def ellipse(ey: np.ndarray, ex: np.ndarray, ary: np.ndarray, arx: np.ndarray, edge: float = 1.0) -> np.ndarray:
+        rr = np.sqrt(((y - ey) / ary) ** 2 + ((x - ex) / arx) ** 2)
+        return _sigmoid((1.0 - rr) * np.minimum(ary, arx) / (edge * px))
+
+    body = ellipse(0.5, 0.5, _col(p["body"][:, 0]), _col(p["body"][:, 1]), 1.5)
+    mr, mw, mo = _col(p["muscle"][:, 0]), _col(p["muscle"][:, 1]), _col(p["muscle"][:, 2])
+    muscles = np.maximum(ellipse(cy + 0.02, cx - mr, mo, mw), ellipse(cy + 0.02, cx + mr, mo, mw))
+    # a gluteal band at the back and a pubic band at the front
+    muscles = np.maximum(muscles, ellipse(0.83, 0.5, _col(np.full(n, 0.05)), _col(np.full(n, 0.3))))
+    rr_ = _col(p["rectum"])
+    rectum_y = cy + np.where(present, ry, 0.08) + rr_ * 0.9
+    rectum = ellipse(rectum_y, cx, rr_, rr_ * 1.3)
+    bl = _col(p["bladder"])
+    bladder = ellipse(cy - 0.2, cx, np.maximum(bl, 1e-3), np.maximum(bl, 1e-3) * 1.5) * (bl > 0)
+    soft_organ = _sigmoid((1.0 - rho) * r_safe / (0.8 * px)) * present
+    centre_zone = _sigmoid((0.6 - rho) * r_safe / (1.5 * px)) * present
+
+    tex = _smooth_noise(p["texture"], st.texture_scale * size / 64)
+    img = np.full((n, size, size), st.air, np.float32)
+    img = img + body * (st.body - st.air)
+    img = img + muscles * body * (st.muscle - img)
+    img = img + bladder * (st.bladder - img)
+    img = img + rectum * (st.rectum - img)
+    organ_val = st.organ_periphery + centre_zone * (st.organ_centre - st.organ_periphery)
+    img = img + soft_organ * (organ_val - img)
+    img = img * (1 + st.texture * 4 * tex * body) * (1 + _col(p["jitter"]))
+    img = img * _bias_field(p["bias"], y, x, st.bias)
+    if st.coil > 0:  # endorectal coil: bright spot decaying away from the rectum
+        dist = np.sqrt((y - rectum_y) ** 2 + (x - cx) ** 2)
+        img = img * (1 + st.coil * np.exp(-dist / 0.12))
+    noise, second = p["noise"][:, 0], p["noise"][:, 1]
+    out = _finish(img, st.blur * size / 64, noise, st.noise, st.gamma, st.contrast,
+                  rician=second if st.rician else None)
+    return out[:, None], label
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def synthetic_info(cfg: SyntheticConfig) -> DatasetInfo:
+    """Channels, label spec (the FUNDUS / PROSTATE codecs' specs), domains ``domain1..K``, patch size."""
+    spec = FUNDUS.label_spec if cfg.kind == "multilabel" else PROSTATE.label_spec
+    styles = [domain_style(cfg.kind, d).description for d in range(cfg.num_domains)]
+    return DatasetInfo(
+        name="synthetic",
+        in_channels=3 if cfg.kind == "multilabel" else 1,
+        label_spec=spec,
+        domains=tuple(f"domain{d + 1}" for d in range(cfg.num_domains)),
+        patch_size=(cfg.size, cfg.size),
+        extra={"kind": cfg.kind, "seed": cfg.seed, "styles": styles},
+    )
+
+
+def _check_domain_split(cfg: SyntheticConfig, domain: int, split: str) -> None:
+    if not isinstance(domain, (int, np.integer)) or not 0 <= domain < cfg.num_domains:
+        raise ValueError(f"synthetic2d: domain must be a 0-based index in [0, {cfg.num_domains}), got {domain!r}")
+    if split not in SPLITS:
+        raise ValueError(f"synthetic2d: split must be one of {SPLITS}, got {split!r}")
+
+
+def generate_domain_uint8(cfg: SyntheticConfig, domain: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit images ``(N, C, H, W)`` and labels (multi-label float32 ``(N, 2, H, W)``, exclusive int64
+    ``(N, H, W)``) of one domain (0-based) and split; deterministic given ``cfg.seed``."""
+    _check_domain_split(cfg, domain, split)
+    n = cfg.count(domain, split)
+    render = _render_fundus if cfg.kind == "multilabel" else _render_prostate
+    return render(cfg, int(domain), split, n)
+
+
+def sample_names(cfg: SyntheticConfig, domain: int, split: str) -> list[str]:
+    """File stems in generation order (sorted order == generation order)."""
+    n = cfg.count(domain, split)
+    if cfg.kind == "multilabel":
+        width = max(3, len(str(max(n - 1, 0))))
+        return [f"d{domain + 1}_{split}_{i:0{width}d}" for i in range(n)]
+    width = max(2, len(str(max((n - 1) // SLICES_PER_CASE, 0))))
+    return [f"{i // SLICES_PER_CASE:0{width}d}_{i % SLICES_PER_CASE:02d}" for i in range(n)]
+
+
+def generate_domain(cfg: SyntheticConfig, domain: int, split: str) -> TensorDataset2D:
+    """The images of one domain (0-based index, as in the data contract) and split ("train"/"test").
+
+    Images float32 ``(C, H, W)`` = ``v / 127.5 - 1`` of 8-bit values (spec 2, ``Normalize_tf``), so the
+    in-memory data equal what ``write_fundus_layout`` writes, read back. Deterministic given
+    ``cfg.seed``, ``domain`` and ``split``; image ``i`` does not depend on how many images are drawn.
+    """
+    images, labels = generate_domain_uint8(cfg, domain, split)
+    img_t = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)
+    names = [f"domain{domain + 1}/{split}/{s}" for s in sample_names(cfg, domain, split)]
+    return TensorDataset2D(img_t, torch.from_numpy(labels), [int(domain)] * len(names), names)
+
+
+def _concat(parts: list[TensorDataset2D]) -> TensorDataset2D:
+    labels = [q.labels for q in parts]
+    return TensorDataset2D(
+        torch.cat([q.images for q in parts]),
+        None if any(lab is None for lab in labels) else torch.cat(labels),  # type: ignore[arg-type]
+        torch.cat([q.domains for q in parts]),
+        [nm for q in parts for nm in q.names],
+    )
+
+
+def build_synthetic_splits(cfg: SyntheticConfig, lb_domain: int, lb_num: int, val_fraction: float = 0.0,
+                           split_seed: int = 0) -> Splits:
+    """Splits with the papers' rule (spec ust-run.md 1.2); ``lb_domain`` is 1-based as in the papers.
+
+    Labelled = the first ``lb_num`` training images of ``lb_domain``; unlabelled = the remaining training
+    images of that domain plus all training images of the other domains (domain order; they keep their
+    labels for diagnostics only); test = one set per domain. ``val_fraction > 0`` (our addition, the
+    originals select on the test set): a random fraction (``split_seed``) of each domain's *unlabelled*
+    training images is moved to ``validation[domain name]``.
+    """
+    if not 1 <= lb_domain <= cfg.num_domains:
+        raise ValueError(f"synthetic2d: lb_domain is 1-based and must be in [1, {cfg.num_domains}], got {lb_domain}")
+    n_lb_domain = cfg.train_counts()[lb_domain - 1]
+    if not 1 <= lb_num <= n_lb_domain:
+        raise ValueError(f"synthetic2d: lb_num must be in [1, {n_lb_domain}] (training images of domain "
+                         f"{lb_domain}), got {lb_num}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"synthetic2d: val_fraction must be in [0, 1), got {val_fraction}")
+    info = synthetic_info(cfg)
+    labelled: TensorDataset2D | None = None
+    unlabelled: list[TensorDataset2D] = []
+    validation: dict[str, TensorDataset2D] = {}
+    test: dict[str, TensorDataset2D] = {}
+    for d in range(cfg.num_domains):
+        train = generate_domain(cfg, d, "train")
+        test[info.domains[d]] = generate_domain(cfg, d, "test")
+        start = lb_num if d == lb_domain - 1 else 0
+        if d == lb_domain - 1:
+            labelled = train.subset(range(lb_num))
+        rest = list(range(start, len(train)))
+        if val_fraction > 0:
+            rng = np.random.default_rng((split_seed, d))
+            n_val = int(round(val_fraction * len(rest)))
+            chosen = set(rng.choice(len(rest), size=n_val, replace=False).tolist())
+            validation[info.domains[d]] = train.subset([rest[k] for k in sorted(chosen)])
+            rest = [rest[k] for k in range(len(rest)) if k not in chosen]
+        unlabelled.append(train.subset(rest))
+    assert labelled is not None
+    return Splits(info, labelled, _concat(unlabelled), test, validation)
+
+
+def write_fundus_layout(cfg: SyntheticConfig, out_dir: str | Path) -> None:
+    """Write the dataset in an on-disk layout of spec 2 (``medsemi data synth OUT_DIR``).
+
+    ``multilabel``: the Fundus layout of spec 2.1, ``DomainN/{train,test}/ROIs/{image,mask}/*.png``, RGB
+    images, grey masks 0 = cup / 128 = rim / 255 = background (``FUNDUS`` codec).
+    ``exclusive``: the ProstateSlice layout of spec 2.2, ``SiteN/{train,test}/{image,mask}/CC_SS.png``,
+    grey images, masks 0 = organ / 255 = background (``PROSTATE`` codec).
+    """
+    from PIL import Image
+
+    out = Path(out_dir)
+    width = len(str(cfg.num_domains))
+    for d in range(cfg.num_domains):
+        for split in SPLITS:
+            images, labels = generate_domain_uint8(cfg, d, split)
+            if cfg.kind == "multilabel":
+                base = out / f"Domain{d + 1}" / split / "ROIs"
+                codec = FUNDUS
+            else:
+                base = out / f"Site{d + 1:0{width}d}" / split
+                codec = PROSTATE
+            (base / "image").mkdir(parents=True, exist_ok=True)
+            (base / "mask").mkdir(parents=True, exist_ok=True)
+            for img, lab, stem in zip(images, labels, sample_names(cfg, d, split)):
+                if cfg.kind == "multilabel":
+                    Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), mode="RGB").save(
+                        base / "image" / f"{stem}.png")
+                else:
+                    Image.fromarray(img[0], mode="L").save(base / "image" / f"{stem}.png")
+                Image.fromarray(codec.encode(lab), mode="L").save(base / "mask" / f"{stem}.png")
+
+
+__all__ = [
+    "FUNDUS_STYLES", "PROSTATE_STYLES", "SLICES_PER_CASE", "FundusStyle", "ProstateStyle", "SyntheticConfig",
+    "build_synthetic_splits", "domain_style", "generate_domain", "generate_domain_uint8", "sample_names",
+    "synthetic_info", "write_fundus_layout",
+]

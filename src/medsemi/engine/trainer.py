@@ -1,0 +1,382 @@
+"""The training loop (spec ust-run.md 1.5): iterations, SGD/Adam, poly LR, EMA, AMP, evaluation,
+model selection, logs, atomic checkpoints and exact resume.
+
+The loop is written once; a method only supplies ``train_step``. Everything a run needs to
+continue (networks, teacher, method buffers, optimiser, scaler, batch sources, every RNG)
+goes into ``checkpoints/last.pt``, so ``--resume`` continues at the same iteration and, on a
+CPU, reaches bit-identical weights to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medsemi.config import Config, config_to_dict, save_config
+from medsemi.data.augment import BatchAugment
+from medsemi.data.datasets import Splits
+from medsemi.engine import distributed as ddp
+from medsemi.engine.checkpoint import load_checkpoint, save_atomic
+from medsemi.engine.ema import ema_update
+from medsemi.engine.schedules import ema_alpha, poly_lr
+from medsemi.engine.sources import PoolSource, cache_dataset
+from medsemi.evaluation.evaluate import autocast_for, evaluate_networks
+from medsemi.methods.base import Method, Progress
+from medsemi.methods.registry import get_method
+from medsemi.metrics import MetricPolicy
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is available")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" else "off"
+    if amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"train.amp must be auto, off, bf16 or fp16, got {amp!r}")
+    return amp
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def policy_from_config(cfg: Config) -> MetricPolicy:
+    ev = cfg.eval
+    return MetricPolicy(
+        both_empty_dice=ev.both_empty_score,
+        both_empty_jaccard=ev.both_empty_score,
+        empty_pred_distance=ev.empty_prediction_penalty,
+        empty_gt_distance=ev.empty_prediction_penalty if ev.gt_empty_policy == "penalty" else None,
+        hd95_definition=ev.hd95,
+    )
+
+
+def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    tr = cfg.train
+    if tr.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, nesterov=tr.nesterov
+        )
+    if tr.optimizer == "adam":
+        return torch.optim.Adam(params, lr=tr.lr, weight_decay=tr.weight_decay)
+    raise ValueError(f"train.optimizer must be sgd or adam, got {tr.optimizer!r}")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def dataset_info_dict(splits: Splits) -> dict:
+    info = splits.info
+    return {
+        "name": info.name,
+        "in_channels": info.in_channels,
+        "label_kind": info.label_spec.kind,
+        "class_names": list(info.label_spec.class_names),
+        "domains": list(info.domains),
+        "patch_size": list(info.patch_size),
+        "extra": dict(info.extra),
+    }
+
+
+class Trainer:
+    """Train one method on one dataset into a run directory (see README "Run directory")."""
+
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, splits: Splits | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank_device = ddp.init_from_env()
+        self.device = self.rank_device or resolve_device(cfg.train.device)
+        self.amp = resolve_amp(cfg.train.amp, self.device)
+        self.main = ddp.is_main_process()
+        seed = cfg.seed + 1000 * ddp.rank()
+        seed_everything(seed, cfg.train.deterministic)
+
+        from medsemi.data.build import build_splits
+        from medsemi.nets.build import build_model
+
+        self.splits = splits if splits is not None else build_splits(cfg)
+        info = self.splits.info
+        method_cls: type[Method] = get_method(cfg.method.name)
+        student = build_model(cfg.model, info).to(self.device)
+        teacher = None
+        if method_cls.uses_teacher:
+            teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
+            teacher.requires_grad_(False)
+        if cfg.model.channels_last:
+            student = student.to(memory_format=torch.channels_last)
+            teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+        self.method = method_cls(cfg.method, student, teacher, info).to(self.device)
+        self.method.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+        self.student = student
+        if cfg.train.compile:
+            self.method.student = torch.compile(student)
+        self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
+
+        augment = BatchAugment(cfg.augment, info.label_spec)
+        bs = cfg.train
+        self.labelled = PoolSource(self.splits.labelled, bs.batch_size, self.device, seed + 2, augment)
+        self.unlabelled = None
+        if method_cls.uses_unlabelled:
+            self.unlabelled = PoolSource(
+                self.splits.unlabelled, bs.unlabelled_batch_size, self.device, seed + 3, augment,
+                strong=True, with_label=False,
+            )
+        self.test_data = {d: cache_dataset(ds, self.device) for d, ds in self.splits.test.items()}
+        self.val_data = {d: cache_dataset(ds, self.device) for d, ds in self.splits.validation.items()}
+        self.policy = policy_from_config(cfg)
+
+        self.iteration = 0
+        self.best: dict[str, dict[str, Any]] = {
+            "test": {"score": -math.inf, "iteration": -1},
+            "val": {"score": -math.inf, "iteration": -1},
+        }
+        self._stop = False
+        self.writer = None
+        if resume:
+            self._load(self.run_dir / "checkpoints" / "last.pt")
+        if self.main:
+            self._prepare_run_dir(resume)
+
+    # ------------------------------------------------------------------ run directory, logs
+    def _prepare_run_dir(self, resume: bool) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        (self.run_dir / "splits.json").write_text(json.dumps(self.splits.summary(), indent=2))
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume and metrics_path.exists():  # drop records written after the checkpoint
+            keep = [
+                line for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration
+            ]
+            metrics_path.write_text("".join(line + "\n" for line in keep))
+        if self.cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.iteration)
+            except ImportError:  # pragma: no cover - tensorboard is a dependency
+                self.writer = None
+
+    def _log(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            step = record["iteration"]
+            for key, value in record.items():
+                if key not in ("iteration", "kind") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{record['kind']}/{key}", value, step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "method_generator": self.method.generator.get_state(),
+            "labelled": self.labelled.state_dict(),
+            "unlabelled": self.unlabelled.state_dict() if self.unlabelled else None,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            "best": self.best,
+            "config": config_to_dict(self.cfg),
+            "info": dataset_info_dict(self.splits),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            save_atomic(self._state(), self.run_dir / "checkpoints" / "last.pt")
+
+    def _save_model(self, name: str, score: float) -> None:
+        if self.main:
+            save_atomic(
+                {
+                    "model": unwrap(self.student).state_dict(),
+                    "iteration": self.iteration,
+                    "score": score,
+                    "config": config_to_dict(self.cfg),
+                    "info": dataset_info_dict(self.splits),
+                },
+                self.run_dir / "checkpoints" / name,
+            )
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.method.generator.set_state(state["method_generator"])
+        self.labelled.load_state_dict(state["labelled"])
+        if self.unlabelled is not None and state["unlabelled"] is not None:
+            self.unlabelled.load_state_dict(state["unlabelled"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"].cpu())
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+        self.best = state["best"]
+        self.iteration = int(state["iteration"])
+
+    # ------------------------------------------------------------------ the loop
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+    def _sync_gradients(self) -> None:
+        """Average gradients over ranks (works with any number of forward calls per step)."""
+        world = ddp.world_size()
+        if world == 1:
+            return
+        grads = [p.grad for p in self.method.trainable_parameters() if p.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def train_step(self, progress: Progress) -> dict[str, torch.Tensor]:
+        tr = self.cfg.train
+        if self.method.on_stage_start(progress):
+            self.optimizer = build_optimizer(self.cfg, self.method.trainable_parameters())
+        labelled = self.labelled.next()
+        unlabelled = self.unlabelled.next() if self.unlabelled is not None else None
+        with autocast_for(self.device, self.amp):
+            out = self.method.train_step(labelled, unlabelled, progress)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self._sync_gradients()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        k = progress.iteration
+        if self.method.teacher is not None:
+            ema_update(self.method.teacher, unwrap(self.method.student), ema_alpha(k, tr.ema_decay))
+        if tr.schedule == "poly":  # set after step k: steps 0 and 1 both use the base LR (spec 1.5)
+            lr = poly_lr(tr.lr, k, tr.iterations, tr.poly_power)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        logs = dict(out.logs)
+        logs["loss"] = out.loss.detach()
+        return logs
+
+    def evaluate(self, surface: bool = False) -> dict:
+        nets = {"student": unwrap(self.student)}
+        if self.method.teacher is not None and self.cfg.eval.evaluate_teacher:
+            nets["teacher"] = self.method.teacher
+        kw = dict(
+            label_spec=self.splits.info.label_spec, policy=self.policy,
+            batch_size=self.cfg.eval.batch_size, surface=surface, amp=self.amp,
+        )
+        result = {"test": evaluate_networks(nets, self.test_data, **kw)}
+        if self.val_data:
+            result["val"] = evaluate_networks({"student": nets["student"]}, self.val_data, **kw)
+        return result
+
+    def _periodic_eval(self) -> None:
+        surface = self.cfg.eval.surface_metrics == "every"
+        result = self.evaluate(surface=surface)
+        record: dict[str, Any] = {"kind": "eval", "iteration": self.iteration}
+        for split, roles in result.items():
+            for role, agg in roles.items():
+                record[f"{split}_{role}_dice"] = agg["mean_dice"]
+                for domain, classes in agg["per_domain"].items():
+                    record[f"{split}_{role}_dice_{domain}"] = float(
+                        np.nanmean([v["dice"] for v in classes.values()])
+                    )
+        for split in ("test", "val"):  # the papers' best-on-test, and best-on-validation
+            if split in result:
+                score = result[split]["student"]["mean_dice"]
+                if score > self.best[split]["score"]:
+                    self.best[split] = {"score": score, "iteration": self.iteration}
+                    self._save_model(f"best_{split}.pt", score)
+                record[f"best_{split}_dice"] = self.best[split]["score"]
+        self._log(record)
+
+    def fit(self, stop_after: int | None = None) -> None:
+        """Train until ``train.iterations`` (or for ``stop_after`` more steps, as if interrupted)."""
+        tr = self.cfg.train
+        old_handlers = {}
+        if self.main:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError):  # not the main thread
+                    old_handlers[sig] = signal.signal(sig, self._request_stop)
+        bar = None
+        if self.main and tr.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tr.iterations, initial=self.iteration, desc=self.cfg.method.name, dynamic_ncols=True)
+        pending: list[dict[str, torch.Tensor]] = []
+        steps_done = 0
+        tic = time.perf_counter()
+        try:
+            while self.iteration < tr.iterations and not self._stop:
+                progress = Progress(self.iteration, tr.iterations, tr.eval_every)
+                pending.append(self.train_step(progress))
+                self.iteration += 1
+                steps_done += 1
+                if bar is not None:
+                    bar.update(1)
+                if len(pending) >= tr.log_every or self.iteration == tr.iterations:
+                    keys = pending[-1].keys()
+                    means = {k: torch.stack([p[k].float() for p in pending if k in p]).mean() for k in keys}
+                    values = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one sync
+                    elapsed = time.perf_counter() - tic
+                    values["it_per_s"] = len(pending) / max(elapsed, 1e-9)
+                    values["lr"] = self.optimizer.param_groups[0]["lr"]
+                    self._log({"kind": "train", "iteration": self.iteration, **values})
+                    if bar is not None:
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "lr"})
+                    pending, tic = [], time.perf_counter()
+                if self.iteration % tr.eval_every == 0 or self.iteration == tr.iterations:
+                    self._periodic_eval()
+                if self.iteration % tr.checkpoint_every == 0 or self.iteration == tr.iterations:
+                    self.save_checkpoint()
+                if stop_after is not None and steps_done >= stop_after:
+                    self._stop = True
+            if self._stop and self.iteration < tr.iterations:
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            if self.writer is not None:
+                self.writer.flush()
+
+    @property
+    def finished(self) -> bool:
+        return self.iteration >= self.cfg.train.iterations

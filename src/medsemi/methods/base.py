@@ -1,0 +1,103 @@
+"""The method interface: one training step, from batches to named losses.
+
+A method is a small class (in the spirit of USB's algorithms). The engine owns the loop,
+optimiser, EMA, AMP, DDP and checkpoints; the method owns only what is specific to the
+algorithm. Anything the method keeps across iterations (a queue, a threshold) is a buffer
+of the module, so checkpoints carry it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from medsemi.data.contract import DatasetInfo, LabelSpec
+
+Batch = dict[str, Any]
+"""A batch on the device. Labelled: ``image``, ``label``, ``domain``. Unlabelled: ``image``
+(weak view), ``strong`` (strong view, same geometry), ``domain``; ``label`` only for
+optional diagnostics, never read by a method."""
+
+
+@dataclass
+class MethodOptions:
+    """Options common to all methods; each method extends this dataclass."""
+
+    name: str = "supervised"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where training is: 0-based ``iteration`` out of ``max_iterations``."""
+
+    iteration: int
+    max_iterations: int
+    epoch_length: int = 500
+
+    @property
+    def fraction(self) -> float:
+        """Training progress ``t = iter / max_iter`` in [0, 1)."""
+        return self.iteration / self.max_iterations
+
+    @property
+    def epoch(self) -> int:
+        return self.iteration // self.epoch_length
+
+
+@dataclass
+class StepOutput:
+    """What a training step returns: the loss to minimise and scalars to log (device tensors)."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor]
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``Options`` and implement ``train_step``."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    uses_unlabelled: ClassVar[bool] = True
+    uses_teacher: ClassVar[bool] = False
+    description: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        options: MethodOptions,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        info: DatasetInfo,
+    ) -> None:
+        super().__init__()
+        self.options = options
+        self.student = student
+        self.teacher = teacher
+        self.info = info
+        self.generator: torch.Generator | None = None  # set by the engine, saved in checkpoints
+
+    @property
+    def label_spec(self) -> LabelSpec:
+        return self.info.label_spec
+
+    def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
+        raise NotImplementedError
+
+    def eval_networks(self) -> dict[str, nn.Module]:
+        """The networks to evaluate, by role."""
+        nets = {"student": self.student}
+        if self.teacher is not None:
+            nets["teacher"] = self.teacher
+        return nets
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.student.parameters() if p.requires_grad]
+
+    def on_stage_start(self, progress: Progress) -> bool:
+        """Called before each step; return True to ask the engine to rebuild the optimiser."""
+        return False
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - not used
+        raise RuntimeError("call train_step, not forward")
