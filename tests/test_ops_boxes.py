@@ -143,3 +143,17 @@ def test_paste_images_and_labels() -> None:
     assert torch.equal(paste(ma, mc, box), box.unsqueeze(1).expand(3, 2, 16, 16))
     with pytest.raises(ValueError, match="copy_paste"):
         paste(a, c, box[:, :8])
+
+
+def test_no_host_sync_on_meta_device() -> None:
+    """Meta tensors have no data: .item(), nonzero(), bool(tensor), boolean-mask indexing or .cpu()
+    inside the ops would raise here, so running them proves they need no host round trip."""
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        torch.empty(2, device="meta").nonzero()
+    boxes = random_boxes(4, 32, 32, None, "meta")
+    assert boxes.shape == (4, 32, 32) and boxes.device.type == "meta"
+    assert all_cover_boxes(torch.empty(4, 32, 32, dtype=torch.bool, device="meta")).shape == (4, 32, 32)
+    img = torch.empty(4, 3, 32, 32, device="meta")
+    assert paste(img, img, boxes).shape == img.shape
+    lab = torch.empty(4, 32, 32, dtype=torch.long, device="meta")
+    assert paste(lab, lab, boxes).dtype == torch.long

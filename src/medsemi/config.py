@@ -93,6 +93,9 @@ class EvalSection:
     gt_empty_policy: str = "skip"  # skip | penalty
     both_empty_score: float = 1.0
     overlays: int = 4  # prediction overlay images per domain in the report
+    # model selection score: mean over classes of the macro per-class value of this metric;
+    # smoothed_dice is what UST-RUN/MiDSS select on (spec 1.3), dice is medpy's
+    selection_metric: str = "smoothed_dice"
 
 
 @dataclass

@@ -123,13 +123,19 @@ def gaussian_kernel1d(sigma: torch.Tensor, size: int) -> torch.Tensor:
 
 def _smooth_zero_pad(field: torch.Tensor, sigma: float) -> torch.Tensor:
     """``scipy.ndimage.gaussian_filter(mode='constant', cval=0)`` (truncate 4 sigma) of
-    ``(N, H, W)`` fields, separable."""
+    ``(N, H, W)`` fields: separable, each 1D pass a product with the banded (Toeplitz) matrix
+    of the kernel, which is the zero-padded convolution and much faster than a long conv."""
     r = int(4.0 * sigma + 0.5)
-    k = gaussian_kernel1d(torch.tensor([sigma], device=field.device), 2 * r + 1)[0]
-    x = field.unsqueeze(1).float()
-    x = F.conv2d(x, k.view(1, 1, 1, -1), padding=(0, r))
-    x = F.conv2d(x, k.view(1, 1, -1, 1), padding=(r, 0))
-    return x.squeeze(1)
+    t = torch.arange(-r, r + 1, device=field.device, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2.0 * sigma**2))  # built on the device: no host-to-device copy
+    k = k / k.sum()
+
+    def band(n: int) -> torch.Tensor:
+        d = torch.arange(n, device=field.device).view(1, n) - torch.arange(n, device=field.device).view(n, 1)
+        return torch.where(d.abs() <= r, k[(d + r).clamp(0, 2 * r)], torch.zeros((), device=field.device))
+
+    _, h, w = field.shape
+    return band(h) @ field.float() @ band(w)  # the kernel is symmetric: band == band.T
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:

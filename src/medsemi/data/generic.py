@@ -24,7 +24,8 @@ A training case without a label file is allowed: it can only be used as unlabell
       "numTraining": 789,
       "domain_names": ["siteA", "siteB"],                # domain codes = this order (0-based in samples)
       "domains": {"case_id": "siteA", ...},              # every case's domain (omit: one domain "all")
-      "patch_size": [256, 256],                          # loader resize (H, W); null = native size
+      "patch_size": [256, 256],                          # patch (H, W): the loader's resize target
+      "resize": true,                                    # false: images used at native size (prostate)
       "image_resample": "lanczos",                       # nearest | bilinear | bicubic | lanczos
       "normalization": "uint8",                          # uint8: v/127.5 - 1; minmax: per image to [-1, 1]
       "settings": {"max_iter": 30000}                    # optional, merged into DatasetInfo.extra
@@ -37,8 +38,10 @@ Labels (the label file holds one integer per pixel; labels are always resized NE
 - multi-label / region based (any value a list, nnU-Net's region syntax): every key except
   ``background`` is one sigmoid channel, in dict order, set where the pixel value is in its list (an int
   means a one-element list). Fundus: ``{"background": 0, "cup": [2], "disc": [1, 2]}`` with pixel values
-  0 = background, 1 = disc rim, 2 = cup. Writing a multi-label prediction back paints each class's value
-  ``regions_class_order[i]`` (default: the smallest value of its list), larger regions first.
+  0 = background, 1 = disc rim, 2 = cup (``convert2d`` writes the general bit code instead: value =
+  sum of ``2**k`` over the classes k present, here ``{"cup": [1, 3], "disc": [2, 3]}``). Writing a
+  multi-label prediction back picks, per pixel, the smallest value whose memberships equal the predicted
+  channels.
 
 ``splits.json``::
 
@@ -97,19 +100,30 @@ class RegionDecode:
 
 @dataclass(frozen=True)
 class RegionEncode:
-    """K binary channels -> pixel values, painting ``values[k]`` for larger regions first."""
+    """K binary channels -> pixel values: per pixel, the smallest value whose region memberships equal the
+    channels; a combination that no value represents gets larger regions painted first, smaller over them."""
 
     regions: tuple[tuple[int, ...], ...]
-    values: tuple[int, ...]
 
     def __call__(self, label: np.ndarray) -> np.ndarray:
+        k = len(self.regions)
+        bits = np.zeros(label.shape[1:], np.int64)
+        for c in range(k):
+            bits |= (label[c] > 0).astype(np.int64) << c
         out = np.zeros(label.shape[1:], np.uint8)
-        for k in sorted(range(len(self.regions)), key=lambda k: -len(self.regions[k])):
-            out[label[k] > 0] = self.values[k]
+        done = np.zeros(label.shape[1:], bool)
+        table: dict[int, int] = {}
+        for v in sorted({0, *(x for r in self.regions for x in r)}):
+            table.setdefault(sum(1 << c for c in range(k) if v in self.regions[c]), v)
+        for pattern, v in table.items():
+            hit = bits == pattern
+            out[hit], done[hit] = v, True
+        for c in sorted(range(k), key=lambda c: -len(self.regions[c])):
+            out[~done & (label[c] > 0)] = min(self.regions[c])
         return out
 
 
-def codec_from_labels(labels: dict[str, Any], regions_class_order: Sequence[int] | None = None) -> MaskCodec:
+def codec_from_labels(labels: dict[str, Any]) -> MaskCodec:
     """The mask codec described by a ``dataset.json`` ``labels`` entry (see the module docstring)."""
     if not isinstance(labels, dict) or not labels:
         raise DataFormatError(f"'labels' must be a non-empty mapping, got {labels!r}")
@@ -125,15 +139,10 @@ def codec_from_labels(labels: dict[str, Any], regions_class_order: Sequence[int]
                 raise DataFormatError(f"region {name!r} must list non-zero values, got {v!r}")
             names.append(name)
             regions.append(vals)
-        values = tuple(int(x) for x in regions_class_order) if regions_class_order else tuple(
-            min(r) for r in regions
-        )
-        if len(values) != len(regions):
-            raise DataFormatError(f"regions_class_order has {len(values)} values for {len(regions)} regions")
         spec = LabelSpec("multilabel", tuple(names))
         allowed = tuple(sorted({0, *(x for r in regions for x in r)}))
         return MaskCodec("generic-regions", spec, RegionDecode(tuple(regions)),
-                         RegionEncode(tuple(regions), values), allowed)
+                         RegionEncode(tuple(regions)), allowed)
     items = sorted(((int(v), k) for k, v in labels.items()), key=lambda t: t[0])
     if [v for v, _ in items] != list(range(len(items))):
         raise DataFormatError(f"exclusive label values must be 0..K-1, got {dict(labels)}")
@@ -260,7 +269,7 @@ class GenericFormat(Format2D):
             if key not in self.meta:
                 raise DataFormatError(f"{path}: missing key {key!r}")
         self.name = str(self.meta.get("name", "generic"))
-        self.codec = codec_from_labels(self.meta["labels"], self.meta.get("regions_class_order"))
+        self.codec = codec_from_labels(self.meta["labels"])
         self.num_channels = len(self.meta["channel_names"])
         self.file_ending = str(self.meta.get("file_ending", ".png"))
         self.case_domains: dict[str, str] | None = self.meta.get("domains")
@@ -271,7 +280,7 @@ class GenericFormat(Format2D):
         self.domain_titles = self.domains
         ps = self.meta.get("patch_size")
         self.patch_hw = None if ps is None else (int(ps[0]), int(ps[-1]))
-        self.resize = ps is not None
+        self.resize = bool(self.meta.get("resize", ps is not None)) and ps is not None
         self.image_resample = str(self.meta.get("image_resample", "bilinear"))
         if self.image_resample not in RESAMPLE:
             raise DataFormatError(f"{path}: image_resample must be one of {sorted(RESAMPLE)}")
@@ -385,7 +394,7 @@ class GenericFormat(Format2D):
     # --- loading -------------------------------------------------------------------------------------
     def patch(self, patch_size: int | Sequence[int] | None) -> tuple[int, int] | None:
         if patch_size is None:
-            return self.patch_hw
+            return self.patch_hw if self.resize else None
         return super().patch(patch_size)
 
     def loader(self, patch_size: int | Sequence[int] | None = None) -> GenericLoader:
@@ -393,7 +402,7 @@ class GenericFormat(Format2D):
                              num_channels=self.num_channels, normalization=self.normalization)
 
     def info(self, patch_size: int | Sequence[int] | None = None) -> DatasetInfo:
-        size = self.patch(patch_size)
+        size = self.patch(patch_size) or self.patch_hw
         if size is None:
             raise DataFormatError(f"{self.root / 'dataset.json'}: no patch_size; pass one")
         extra = self.settings(int(size[0]))

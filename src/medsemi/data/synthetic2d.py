@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 
 from medsemi.data.codecs import FUNDUS, PROSTATE
 from medsemi.data.contract import DatasetInfo
@@ -168,7 +168,7 @@ FUNDUS_STYLES: tuple[FundusStyle, ...] = (
     FundusStyle("REFUGE/Canon-like: pale pink, washed out, sharp with strong sensor noise",
                 (0.80, 0.45, 0.36), (0.96, 0.80, 0.66), (1.0, 0.93, 0.86), (0.62, 0.20, 0.16),
                 mix=((0.85, 0.10, 0.05), (0.20, 0.70, 0.10), (0.20, 0.20, 0.60)),
-                gamma=0.7, contrast=0.9, blur=0.2, noise=0.05, bias=0.10, texture=0.03,
+                gamma=0.8, blur=0.2, noise=0.035, bias=0.10, texture=0.03,
                 texture_scale=1.5, size_scale=0.9),
     FundusStyle("red-free-like: grey (green channel everywhere), high contrast",
                 (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
@@ -184,7 +184,7 @@ PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
                   bias=0.15, texture=0.03),
     ProstateStyle("HK/BMC-like: mid grey, high contrast, fine texture",
                   0.02, 0.45, 0.16, 0.62, 0.38, 0.08, 0.85, contrast=1.2, blur=0.4, noise=0.02,
-                  texture=0.06, texture_scale=1.2, size_scale=1.05),
+                  texture=0.04, texture_scale=1.2, size_scale=1.05),
     ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, organ close to muscle",
                   0.03, 0.60, 0.45, 0.78, 0.55, 0.20, 0.95, blur=0.2, noise=0.06, rician=True,
                   texture=0.05, size_scale=0.95),
@@ -229,71 +229,90 @@ def domain_style(kind: str, domain: int) -> FundusStyle | ProstateStyle:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared vectorised helpers (all arrays (N, H, W); parameters (N, 1, 1))
+# Shared vectorised helpers: torch float32 on the CPU, maps (N, H, W), per-image parameters (N, 1, 1)
+
+Tensor = torch.Tensor
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [0, 1): y, x of shape (1, H, W)."""
-    c = (np.arange(size, dtype=np.float32) + 0.5) / size
-    return c[None, :, None] * np.ones((1, 1, size), np.float32), c[None, None, :] * np.ones((1, size, 1), np.float32)
+def _grid(size: int) -> tuple[Tensor, Tensor]:
+    """Pixel-centre coordinates in [0, 1): y of shape (1, H, 1) and x of shape (1, 1, W)."""
+    c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    return c.view(1, size, 1), c.view(1, 1, size)
 
 
-def _col(values: np.ndarray) -> np.ndarray:
-    return np.asarray(values, np.float32).reshape(-1, 1, 1)
+def _col(values: Any) -> Tensor:
+    return torch.as_tensor(np.asarray(values, np.float32)).view(-1, 1, 1)
 
 
-def _blob_radius(y: np.ndarray, x: np.ndarray, cy: np.ndarray, cx: np.ndarray, ry: np.ndarray,
-                 rx: np.ndarray, rot: np.ndarray, harm: np.ndarray, phase: np.ndarray) -> np.ndarray:
-    """Normalised radius of a rotated ellipse with a smooth irregular boundary (<1 inside).
+def _blob_radius(y: Tensor, x: Tensor, cy: Tensor, cx: Tensor, ry: Tensor, rx: Tensor, rot: Tensor,
+                 harm: np.ndarray, phase: np.ndarray) -> Tensor:
+    """Normalised radius of a rotated ellipse with a smooth irregular boundary (< 1 inside).
 
-    ``harm``/``phase``: (N, M) amplitudes/phases of boundary harmonics 2..M+1 (radius multiplied by
-    ``1 + sum_m a_m cos(m phi + p_m)``).
+    ``harm``/``phase``: (N, M) amplitudes/phases of boundary harmonics 2..M+1 (the boundary radius is
+    multiplied by ``1 + sum_m a_m cos(m phi + p_m)``).
     """
     dy, dx = y - cy, x - cx
-    c, s = np.cos(rot), np.sin(rot)
+    c, s = torch.cos(rot), torch.sin(rot)
     u = (c * dx + s * dy) / rx
-    v = (-s * dx + c * dy) / ry
-    phi = np.arctan2(v, u)
-    boundary = np.ones_like(phi)
+    v = (c * dy - s * dx) / ry
+    phi = torch.atan2(v, u)
+    boundary = torch.ones_like(phi)
     for m in range(harm.shape[1]):
-        boundary = boundary + _col(harm[:, m]) * np.cos((m + 2) * phi + _col(phase[:, m]))
-    return np.sqrt(u * u + v * v) / boundary
+        boundary = boundary + _col(harm[:, m]) * torch.cos((m + 2) * phi + _col(phase[:, m]))
+    return torch.sqrt(u * u + v * v) / boundary
 
 
-def _smooth_noise(noise: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian-smoothed white noise, rescaled to unit std per image."""
-    f = ndimage.gaussian_filter(noise, sigma=(0, sigma, sigma), mode="wrap")
-    std = f.std(axis=(1, 2), keepdims=True)
-    return f / np.maximum(std, 1e-6)
+def _smooth_noise(noise: np.ndarray, sigma: float) -> Tensor:
+    """White noise (N, H, W) smoothed by a periodic Gaussian of ``sigma`` px (FFT), unit std per image."""
+    f = torch.fft.rfft2(torch.from_numpy(noise))
+    h, w = noise.shape[-2:]
+    fy = torch.fft.fftfreq(h).view(-1, 1)
+    fx = torch.fft.rfftfreq(w).view(1, -1)
+    f = f * torch.exp(-2 * math.pi ** 2 * sigma ** 2 * (fy * fy + fx * fx))
+    out = torch.fft.irfft2(f, s=(h, w))
+    return out / out.std(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
 
-def _bias_field(coef: np.ndarray, y: np.ndarray, x: np.ndarray, strength: float) -> np.ndarray:
-    """Smooth multiplicative field exp(strength * quadratic polynomial), coef (N, 5)."""
+def _bias_field(coef: np.ndarray, y: Tensor, x: Tensor, strength: float) -> Tensor:
+    """Smooth multiplicative field ``exp(strength * quadratic polynomial)``, coefficients (N, 5)."""
     yy, xx = y - 0.5, x - 0.5
     poly = (_col(coef[:, 0]) * xx + _col(coef[:, 1]) * yy + _col(coef[:, 2]) * xx * yy * 2
             + _col(coef[:, 3]) * (xx * xx * 2 - 0.17) + _col(coef[:, 4]) * (yy * yy * 2 - 0.17))
-    return np.exp(strength * poly).astype(np.float32)
+    return torch.exp(strength * poly)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).astype(np.float32)
+def _gaussian_blur(img: Tensor, sigma: float) -> Tensor:
+    """Gaussian blur of (N, C, H, W) with replicated borders (padding by 3 sigma, then an FFT filter)."""
+    if sigma <= 0:
+        return img
+    n, c, h, w = img.shape
+    pad = min(int(math.ceil(3 * sigma)), h - 1, w - 1)
+    z = F.pad(img.reshape(n * c, 1, h, w), (pad, pad, pad, pad), mode="replicate")[:, 0]
+    hp, wp = z.shape[-2:]
+    fy = torch.fft.fftfreq(hp).view(-1, 1)
+    fx = torch.fft.rfftfreq(wp).view(1, -1)
+    z = torch.fft.irfft2(torch.fft.rfft2(z) * torch.exp(-2 * math.pi ** 2 * sigma ** 2 * (fy * fy + fx * fx)),
+                         s=(hp, wp))
+    return z[:, pad:pad + h, pad:pad + w].reshape(n, c, h, w)
 
 
-def _finish(img: np.ndarray, blur_px: float, noise: np.ndarray, noise_level: float, gamma: float,
+def _finish(img: Tensor, blur_px: float, noise: np.ndarray, noise_level: float, gamma: float,
             contrast: float, rician: np.ndarray | None = None) -> np.ndarray:
-    """Gamma, contrast around 0.5, blur, additive (or Rician-like) noise, clip, 8-bit quantisation."""
-    spatial_axes = (0, 2, 3) if img.ndim == 4 else (0, 1, 2)
-    img = np.clip(img, 0.0, None) ** gamma
+    """(N, C, H, W) in ~[0, 1]: gamma, contrast around 0.5, blur, additive (or Rician-like) noise, clip,
+    8-bit quantisation."""
+    img = img.clamp_min(0.0) ** gamma
     img = 0.5 + contrast * (img - 0.5)
-    if blur_px > 0:
-        sig = [0.0] * img.ndim
-        sig[spatial_axes[1]] = sig[spatial_axes[2]] = blur_px
-        img = ndimage.gaussian_filter(img, sigma=sig, mode="nearest")
+    img = _gaussian_blur(img, blur_px)
+    nz = torch.from_numpy(noise).view(img.shape)
     if rician is not None:
-        img = np.sqrt((img + noise_level * noise) ** 2 + (noise_level * rician) ** 2)
+        img = torch.sqrt((img + noise_level * nz) ** 2 + (noise_level * torch.from_numpy(rician).view(img.shape)) ** 2)
     else:
-        img = img + noise_level * noise
-    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
+        img = img + noise_level * nz
+    return torch.round(img.clamp(0.0, 1.0) * 255.0).to(torch.uint8).numpy()
+
+
+def _stack_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -322,7 +341,7 @@ def _fundus_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> dic
             "cup_phase": rng.uniform(0, 2 * math.pi, 3),
             "v_angle": rng.uniform(0, 2 * math.pi) + np.arange(_N_VESSELS) * 2 * math.pi / _N_VESSELS
             + rng.uniform(-0.3, 0.3, _N_VESSELS),
-            "v_curl": rng.uniform(-2.5, 2.5, _N_VESSELS),
+            "v_curl": rng.uniform(-1.5, 1.5, _N_VESSELS),
             "v_wave": rng.uniform(-0.3, 0.3, _N_VESSELS),
             "v_freq": rng.uniform(4, 12, _N_VESSELS),
             "v_width": rng.uniform(0.6, 1.3, _N_VESSELS),
@@ -332,7 +351,7 @@ def _fundus_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> dic
             "texture": rng.standard_normal((size, size), dtype=np.float32),
             "noise": rng.standard_normal((3, size, size), dtype=np.float32),
         })
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]} if rows else {}
+    return _stack_rows(rows)
 
 
 def _render_fundus(cfg: SyntheticConfig, domain: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -347,54 +366,48 @@ def _render_fundus(cfg: SyntheticConfig, domain: int, split: str, n: int) -> tup
     px = 1.0 / size  # one pixel in normalised units
     cy, cx = _col(p["centre"][:, 0]), _col(p["centre"][:, 1])
     r = _col(p["radius"]) * st.size_scale
-    ry, rx = r * np.sqrt(_col(p["aspect"])), r / np.sqrt(_col(p["aspect"]))
+    asp = _col(p["aspect"]).sqrt()
     rot = _col(p["rot"])
-    rho_disc = _blob_radius(y, x, cy, cx, ry, rx, rot, p["harm"], p["phase"])
+    rho_disc = _blob_radius(y, x, cy, cx, r * asp, r / asp, rot, p["harm"], p["phase"])
     ccy = cy + _col(p["cup_shift"][:, 0]) * r
     ccx = cx + _col(p["cup_shift"][:, 1]) * r
     cr = r * _col(p["cup_ratio"])
-    cry, crx = cr * np.sqrt(_col(p["cup_aspect"])), cr / np.sqrt(_col(p["cup_aspect"]))
-    rho_cup = _blob_radius(y, x, ccy, ccx, cry, crx, rot, p["cup_harm"], p["cup_phase"])
+    casp = _col(p["cup_aspect"]).sqrt()
+    rho_cup = _blob_radius(y, x, ccy, ccx, cr * casp, cr / casp, rot, p["cup_harm"], p["cup_phase"])
     disc = rho_disc <= 1.0
     cup = (rho_cup <= 1.0) & disc
-    label = np.stack([cup, disc], axis=1).astype(np.float32)
+    label = torch.stack([cup, disc], dim=1).to(torch.float32).numpy()
 
     # soft appearance layers: the disc edge is ~1 px wide, the cup edge (pallor) ~2 px
-    soft_disc = _sigmoid((1.0 - rho_disc) * r / (0.8 * px))
-    soft_cup = _sigmoid((1.0 - rho_cup) * cr / (1.5 * px)) * soft_disc
+    soft_disc = torch.sigmoid((1.0 - rho_disc) * r / (0.8 * px))
+    soft_cup = torch.sigmoid((1.0 - rho_cup) * cr / (1.5 * px)) * soft_disc
 
     # vessels: curves in polar coordinates around the disc centre, thinning outwards
     dy, dx = y - cy, x - cx
-    rad = np.sqrt(dy * dy + dx * dx)
-    ang = np.arctan2(dy, dx)
-    expo = np.full_like(rad, -np.inf)  # max over vessels of the Gaussian profile's exponent
+    rad = torch.sqrt(dy * dy + dx * dx)
+    ang = torch.atan2(dy, dx)
+    expo = torch.full_like(rad, -math.inf)  # max over vessels of the Gaussian profile's exponent
     inv_width = 1.0 / (px * (1.6 - rad) * max(1.0, size / 64) ** 0.5)
-    two_pi = np.float32(2 * math.pi)
     for j in range(_N_VESSELS):
         theta = (_col(p["v_angle"][:, j]) + _col(p["v_curl"][:, j]) * rad
-                 + _col(p["v_wave"][:, j]) * np.sin(_col(p["v_freq"][:, j]) * rad))
-        d = (np.remainder(ang - theta + math.pi, two_pi) - math.pi) * rad * inv_width  # arc distance / width
-        np.maximum(expo, -(d * d) * _col(1.0 / p["v_width"][:, j] ** 2), out=expo)
-    vessels = np.exp(expo)
-    vessels = vessels * _sigmoid((rad - 0.3 * r) / (1.5 * px))
+                 + _col(p["v_wave"][:, j]) * torch.sin(_col(p["v_freq"][:, j]) * rad))
+        d = (torch.remainder(ang - theta + math.pi, 2 * math.pi) - math.pi) * rad * inv_width
+        expo = torch.maximum(expo, -(d * d) * _col(1.0 / p["v_width"][:, j] ** 2))
+    vessels = torch.exp(expo) * torch.sigmoid((rad - 0.3 * r) / (1.5 * px))
 
     tex = _smooth_noise(p["texture"], st.texture_scale * size / 64)
-    bg = np.asarray(st.background, np.float32)[None, :, None, None]
-    dc = np.asarray(st.disc, np.float32)[None, :, None, None]
-    cu = np.asarray(st.cup, np.float32)[None, :, None, None]
-    ve = np.asarray(st.vessel, np.float32)[None, :, None, None]
+    bg, dc, cu, ve = (torch.tensor(c, dtype=torch.float32).view(1, 3, 1, 1)
+                      for c in (st.background, st.disc, st.cup, st.vessel))
     sd, sc, sv = soft_disc[:, None], soft_cup[:, None], vessels[:, None]
     img = bg * (1 + st.texture * 4 * tex[:, None]) + sd * (dc - bg) + sc * (cu - dc)
     img = img * (1 - 0.85 * sv) + sv * 0.85 * ve
-    img = img * (1 + p["jitter"][:, :, None, None].astype(np.float32))
-    mix = np.asarray(st.mix, np.float32)
-    img = np.einsum("ck,nkhw->nchw", mix, img)
+    img = img * (1 + torch.from_numpy(p["jitter"].astype(np.float32)).view(n, 3, 1, 1))
+    img = torch.einsum("ck,nkhw->nchw", torch.tensor(st.mix, dtype=torch.float32), img)
     img = img * _bias_field(p["bias"], y, x, st.bias)[:, None]
     if st.fov:
-        fy, fx = _col(p["fov"][:, 0]), _col(p["fov"][:, 1])
-        fr = _col(p["fov"][:, 2])
-        dist = np.sqrt((y - 0.5 - fy) ** 2 + (x - 0.5 - fx) ** 2)
-        img = img * _sigmoid((fr - dist) / (1.5 * px))[:, None]
+        fy, fx, fr = (_col(p["fov"][:, k]) for k in range(3))
+        dist = torch.sqrt((y - 0.5 - fy) ** 2 + (x - 0.5 - fx) ** 2)
+        img = img * torch.sigmoid((fr - dist) / (1.5 * px))[:, None]
     out = _finish(img, st.blur * size / 64, p["noise"], st.noise, st.gamma, st.contrast)
     return out, label
 
@@ -407,27 +420,26 @@ def _prostate_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> d
     """Per-case anatomy (``SLICES_PER_CASE`` consecutive slices) plus per-slice jitter and noise."""
     size = cfg.size
     rows: list[dict[str, Any]] = []
-    case_cache: dict[int, dict[str, Any]] = {}
+    c: dict[str, Any] = {}
     for i in range(n):
         case, t = divmod(i, SLICES_PER_CASE)
-        if case not in case_cache:
+        if t == 0 or not c:
             crng = np.random.default_rng((cfg.seed, 1, domain, SPLITS.index(split), case, 0))
-            case_cache = {case: {
+            c = {
                 "centre": np.array([crng.uniform(0.42, 0.56), crng.uniform(0.42, 0.58)]),
-                "radius": crng.uniform(0.11, 0.17),
+                "radius": crng.uniform(0.12, 0.19),
                 "aspect": crng.uniform(0.75, 1.1),
                 "harm": crng.uniform(-0.07, 0.07, 3),
                 "phase": crng.uniform(0, 2 * math.pi, 3),
                 "extent": crng.uniform(0.85, 1.15),  # how far the organ reaches towards the case ends
                 "body": np.array([crng.uniform(0.36, 0.42), crng.uniform(0.44, 0.49)]),
                 "muscle": np.array([crng.uniform(0.2, 0.26), crng.uniform(0.07, 0.1), crng.uniform(0.1, 0.16)]),
-            }}
-        c = case_cache[case]
+            }
         rng = np.random.default_rng((cfg.seed, 1, domain, SPLITS.index(split), case, t + 1))
-        # slice position in (-1, 1); organ radius follows a rounded profile and vanishes past |pos| > extent
+        # slice position in (-1, 1); the organ radius follows a rounded profile, zero near the case ends
         pos = (t + 0.5) / SLICES_PER_CASE * 2 - 1
         prof_arg = 1.0 - (pos / (c["extent"] * 0.97)) ** 2
-        prof = math.sqrt(max(prof_arg, 0.0)) ** 0.5 if prof_arg > 0.06 else 0.0
+        prof = prof_arg ** 0.25 if prof_arg > 0.06 else 0.0
         rows.append({
             "centre": c["centre"] + rng.normal(0, 0.01, 2),
             "radius": c["radius"] * prof * rng.uniform(0.95, 1.05),
@@ -444,7 +456,7 @@ def _prostate_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> d
             "texture": rng.standard_normal((size, size), dtype=np.float32),
             "noise": rng.standard_normal((2, size, size), dtype=np.float32),
         })
-    return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]} if rows else {}
+    return _stack_rows(rows)
 
 
 def _render_prostate(cfg: SyntheticConfig, domain: int, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -459,47 +471,46 @@ def _render_prostate(cfg: SyntheticConfig, domain: int, split: str, n: int) -> t
     px = 1.0 / size
     cy, cx = _col(p["centre"][:, 0]), _col(p["centre"][:, 1])
     r = _col(p["radius"]) * st.size_scale
-    present = r > 0
-    r_safe = np.where(present, r, 1e-3)
-    ry, rx = r_safe * _col(p["aspect"]), r_safe
-    rho = _blob_radius(y, x, cy, cx, ry, rx, _col(p["rot"]), p["harm"], p["phase"])
-    organ = (rho <= 1.0) & present
-    label = organ.astype(np.int64)
+    present = (r > 0).to(torch.float32)
+    r_safe = torch.where(r > 0, r, torch.full_like(r, 1e-3))
+    ry = r_safe * _col(p["aspect"])
+    rho = _blob_radius(y, x, cy, cx, ry, r_safe, _col(p["rot"]), p["harm"], p["phase"])
+    label = ((rho <= 1.0) & (r > 0)).to(torch.int64).numpy()
 
-    def ellipse(ey: np.ndarray, ex: np.ndarray, ary: np.ndarray, arx: np.ndarray, edge: float = 1.0) -> np.ndarray:
-        rr = np.sqrt(((y - ey) / ary) ** 2 + ((x - ex) / arx) ** 2)
-        return _sigmoid((1.0 - rr) * np.minimum(ary, arx) / (edge * px))
+    def ellipse(ey: Tensor | float, ex: Tensor | float, ary: Tensor, arx: Tensor, edge: float = 1.0) -> Tensor:
+        rr = torch.sqrt(((y - ey) / ary) ** 2 + ((x - ex) / arx) ** 2)
+        return torch.sigmoid((1.0 - rr) * torch.minimum(ary, arx) / (edge * px))
 
     body = ellipse(0.5, 0.5, _col(p["body"][:, 0]), _col(p["body"][:, 1]), 1.5)
-    mr, mw, mo = _col(p["muscle"][:, 0]), _col(p["muscle"][:, 1]), _col(p["muscle"][:, 2])
-    muscles = np.maximum(ellipse(cy + 0.02, cx - mr, mo, mw), ellipse(cy + 0.02, cx + mr, mo, mw))
-    # a gluteal band at the back and a pubic band at the front
-    muscles = np.maximum(muscles, ellipse(0.83, 0.5, _col(np.full(n, 0.05)), _col(np.full(n, 0.3))))
+    mr, mw, mo = (_col(p["muscle"][:, k]) for k in range(3))
+    muscles = torch.maximum(ellipse(cy + 0.02, cx - mr, mo, mw), ellipse(cy + 0.02, cx + mr, mo, mw))
+    # a gluteal band at the back of the body
+    muscles = torch.maximum(muscles, ellipse(0.83, 0.5, torch.full((n, 1, 1), 0.05), torch.full((n, 1, 1), 0.3)))
     rr_ = _col(p["rectum"])
-    rectum_y = cy + np.where(present, ry, 0.08) + rr_ * 0.9
+    rectum_y = cy + torch.where(r > 0, ry, torch.full_like(ry, 0.08)) + rr_ * 0.9
     rectum = ellipse(rectum_y, cx, rr_, rr_ * 1.3)
     bl = _col(p["bladder"])
-    bladder = ellipse(cy - 0.2, cx, np.maximum(bl, 1e-3), np.maximum(bl, 1e-3) * 1.5) * (bl > 0)
-    soft_organ = _sigmoid((1.0 - rho) * r_safe / (0.8 * px)) * present
-    centre_zone = _sigmoid((0.6 - rho) * r_safe / (1.5 * px)) * present
+    bladder = ellipse(cy - 0.2, cx, bl.clamp_min(1e-3), bl.clamp_min(1e-3) * 1.5) * (bl > 0)
+    soft_organ = torch.sigmoid((1.0 - rho) * r_safe / (0.8 * px)) * present
+    centre_zone = torch.sigmoid((0.6 - rho) * r_safe / (1.5 * px)) * present
 
     tex = _smooth_noise(p["texture"], st.texture_scale * size / 64)
-    img = np.full((n, size, size), st.air, np.float32)
+    img = torch.full((n, size, size), st.air)
     img = img + body * (st.body - st.air)
     img = img + muscles * body * (st.muscle - img)
     img = img + bladder * (st.bladder - img)
     img = img + rectum * (st.rectum - img)
     organ_val = st.organ_periphery + centre_zone * (st.organ_centre - st.organ_periphery)
     img = img + soft_organ * (organ_val - img)
-    img = img * (1 + st.texture * 4 * tex * body) * (1 + _col(p["jitter"]))
+    img = img * (1 + st.texture * 3 * tex * body) * (1 + _col(p["jitter"]))
     img = img * _bias_field(p["bias"], y, x, st.bias)
     if st.coil > 0:  # endorectal coil: bright spot decaying away from the rectum
-        dist = np.sqrt((y - rectum_y) ** 2 + (x - cx) ** 2)
-        img = img * (1 + st.coil * np.exp(-dist / 0.12))
-    noise, second = p["noise"][:, 0], p["noise"][:, 1]
-    out = _finish(img, st.blur * size / 64, noise, st.noise, st.gamma, st.contrast,
+        dist = torch.sqrt((y - rectum_y) ** 2 + (x - cx) ** 2)
+        img = img * (1 + st.coil * torch.exp(-dist / 0.1))
+    noise, second = p["noise"][:, :1], p["noise"][:, 1:]
+    out = _finish(img[:, None], st.blur * size / 64, noise, st.noise, st.gamma, st.contrast,
                   rician=second if st.rician else None)
-    return out[:, None], label
+    return out, label
 
 
 # ---------------------------------------------------------------------------------------------------------

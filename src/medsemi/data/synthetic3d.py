@@ -76,8 +76,9 @@ def _smooth_noise(shape: tuple[int, int, int], sigma: float, rng: np.random.Gene
 
 
 def make_synthetic_volume(task: int, shape: tuple[int, int, int], rng: np.random.Generator,
-                          other_prob: float = 0.5) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """One volume of ``task``: (image float32, label uint8 {0,1} of its own task, tasks present)."""
+                          other_prob: float = 0.5) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
+    """One volume of ``task``: image float32, label uint8 {0,1} of its own task only, the tasks present,
+    and a uint8 map of the unlabelled other-task structures (value = their task id, 0 elsewhere)."""
     size = np.asarray(shape, dtype=np.float32)
     centre = size / 2 + rng.uniform(-2, 2, size=3)
     own = _shape_mask(task, shape, centre, rng)
@@ -113,7 +114,10 @@ def make_synthetic_volume(task: int, shape: tuple[int, int, int], rng: np.random
         if smooth > 0:
             img = img + 0.05 * _smooth_noise(shape, smooth, rng)
         img = np.clip(img + noise * rng.standard_normal(shape).astype(np.float32), 0.0, 1.0)
-    return img.astype(np.float32), own.astype(np.uint8), present
+    other_map = np.zeros(shape, dtype=np.uint8)
+    for t, mk in others:
+        other_map[mk] = t
+    return img.astype(np.float32), own.astype(np.uint8), present, other_map
 
 
 def synthetic_case_name(task: int, index: int, rng: np.random.Generator) -> str:
@@ -140,7 +144,7 @@ def generate_synthetic_volumes(config: Synthetic3DConfig | None = None, **overri
         for i in range(cfg.n_per_task):
             shape = tuple(int(s) for s in rng.integers(lo, hi + 1, size=3))
             name = synthetic_case_name(task, i, rng)
-            img, lab, present = make_synthetic_volume(task, shape, rng, cfg.other_prob)  # type: ignore[arg-type]
+            img, lab, present, _ = make_synthetic_volume(task, shape, rng, cfg.other_prob)  # type: ignore[arg-type]
             assert task_id_from_name(name) == task
             vols.append(Volume(name, img, lab, task, (1.0, 1.0, 1.0), {"present_tasks": present}))
     return vols

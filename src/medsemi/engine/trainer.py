@@ -300,6 +300,7 @@ class Trainer:
         kw = dict(
             label_spec=self.splits.info.label_spec, policy=self.policy,
             batch_size=self.cfg.eval.batch_size, surface=surface, amp=self.amp,
+            selection_metric=self.cfg.eval.selection_metric,
         )
         result = {"test": evaluate_networks(nets, self.test_data, **kw)}
         if self.val_data:

@@ -88,6 +88,7 @@ def evaluate_networks(
     batch_size: int = 8,
     surface: bool = False,
     amp: str = "off",
+    selection_metric: str = "dice",
 ) -> dict[str, dict]:
     """Evaluate each network on every domain's cached split; returns ``{role: aggregate result}``.
 
@@ -100,7 +101,7 @@ def evaluate_networks(
         for domain, data in splits.items():
             pred = predict_labels(model, data["image"], label_spec, batch_size, amp)
             records += score_predictions(pred, data["label"], data["name"], domain, label_spec, policy, metrics)
-        result = aggregate(records)
+        result = aggregate(records, dice_key=selection_metric)
         result["records"] = records
         results[role] = result
     return results

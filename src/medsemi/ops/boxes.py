@@ -85,7 +85,9 @@ def sample_box_params(batch: int, height: int, width: int, generator: torch.Gene
     p_fit = ((width - w + 1).clamp(min=0) / width) * ((height - h + 1).clamp(min=0) / height)
     accepted = u_acc < p_fit  # (B,K)
     any_acc = accepted.any(dim=1)
-    first = torch.argmax(accepted.to(torch.uint8), dim=1, keepdim=True)  # first True (0 if none)
+    cand = torch.arange(CANDIDATES, device=accepted.device)
+    # index of the first accepted candidate (the last one, if none was accepted)
+    first = torch.where(accepted, cand, CANDIDATES).amin(dim=1, keepdim=True).clamp(max=CANDIDATES - 1)
     w_sel = torch.gather(w, 1, first).squeeze(1)
     h_sel = torch.gather(h, 1, first).squeeze(1)
     # fallback (probability < 1e-13 per sample): square box of the drawn area, clipped to the image
@@ -121,17 +123,19 @@ def bounding_box_params(region: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise ValueError(f"medsemi.ops.boxes: region must be (B, H, W), got shape {tuple(region.shape)}")
     region = region.bool()
     height, width = region.shape[1:]
-    rows = region.any(dim=2).to(torch.uint8)  # (B,H)
-    cols = region.any(dim=1).to(torch.uint8)  # (B,W)
+    rows = region.any(dim=2)  # (B,H)
+    cols = region.any(dim=1)  # (B,W)
     nonempty = rows.any(dim=1)
-    y0 = torch.argmax(rows, dim=1)
-    y1 = (height - 1) - torch.argmax(rows.flip(1), dim=1)
-    x0 = torch.argmax(cols, dim=1)
-    x1 = (width - 1) - torch.argmax(cols.flip(1), dim=1)
+    r_idx = torch.arange(height, device=region.device)
+    c_idx = torch.arange(width, device=region.device)
+    y0 = torch.where(rows, r_idx, height).amin(dim=1)  # first / last occupied row and column
+    y1 = torch.where(rows, r_idx, -1).amax(dim=1)
+    x0 = torch.where(cols, c_idx, width).amin(dim=1)
+    x1 = torch.where(cols, c_idx, -1).amax(dim=1)
     zero = torch.zeros_like(y0)
     h = torch.where(nonempty, y1 - y0 + 1, zero)
     w = torch.where(nonempty, x1 - x0 + 1, zero)
-    return y0, x0, h, w, nonempty
+    return torch.where(nonempty, y0, zero), torch.where(nonempty, x0, zero), h, w, nonempty
 
 
 def all_cover_boxes(region: torch.Tensor, generator: torch.Generator | None = None,

@@ -48,9 +48,11 @@ def symgd_fuse(y0: torch.Tensor, k0: torch.Tensor, y_ul: torch.Tensor, k_ul: tor
         raise ValueError("medsemi.ops.pseudo_label: symgd_fuse needs labels and masks of one shape, got "
                          f"{sorted(tuple(s) for s in shapes)}")
     inside = box != 0
-    if inside.dim() == y0.dim() - 1:
+    if inside.shape == y0.shape:  # exclusive labels (B, *spatial)
+        pass
+    elif inside.dim() == y0.dim() - 1 and inside.shape == (y0.shape[0], *y0.shape[2:]):  # multi-label
         inside = inside.unsqueeze(1)
-    if inside.dim() != y0.dim() or inside.shape[0] != y0.shape[0] or inside.shape[2:] != y0.shape[2:]:
+    else:
         raise ValueError(f"medsemi.ops.pseudo_label: box {tuple(box.shape)} does not match labels "
                          f"{tuple(y0.shape)}")
     y_f = torch.where(inside, y_lu, y_ul)

@@ -1,0 +1,98 @@
+"""Mean Teacher baseline (Tarvainen & Valpola, NeurIPS 2017; the medical form of Yu et al., MICCAI 2019).
+
+Step: ``L = L_sup + λ · w · mean((σ(S(u_s)) - σ(T(u_w)))²)`` with ``σ`` = softmax (exclusive labels) or
+sigmoid (multi-label), ``w`` the consistency ramp of spec ust-run.md 1.5 and ``λ`` the option
+``consistency``. The teacher is the EMA of the student, updated by the engine (spec 1.5, 3.5); it
+stays in train mode, as every teacher of this code base. Each network call is a separate forward
+(spec 3.5). The squared error is averaged over all elements ``B·C·H·W`` of the unlabelled batch.
+
+Also home of two tiny helpers shared by the baseline methods: :func:`probabilities` and
+:func:`require_unlabelled`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medsemi.data.contract import LabelSpec
+from medsemi.engine.schedules import consistency_weight
+from medsemi.losses import seg_loss
+from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
+from medsemi.methods.registry import register
+
+_HERE = "methods/mean_teacher.py"
+
+
+def probabilities(logits: torch.Tensor, label_spec: LabelSpec) -> torch.Tensor:
+    """Per-pixel probabilities in float32: softmax over channels (exclusive) or sigmoid (multi-label)."""
+    z = logits.float()
+    return torch.sigmoid(z) if label_spec.multilabel else torch.softmax(z, dim=1)
+
+
+def require_unlabelled(unlabelled: Batch | None, where: str, keys: tuple[str, ...] = ("image", "strong")
+                       ) -> Batch:
+    """Return the unlabelled batch or raise a clear error naming ``where`` and the missing keys."""
+    if unlabelled is None:
+        raise ValueError(f"{where}: this method needs an unlabelled batch, got None")
+    missing = [k for k in keys if k not in unlabelled]
+    if missing:
+        raise KeyError(f"{where}: the unlabelled batch lacks {missing}; it has {sorted(unlabelled)}")
+    return unlabelled
+
+
+def consistency_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label_spec: LabelSpec
+                    ) -> torch.Tensor:
+    """Mean squared difference of probabilities over all elements; the teacher side is detached."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"{_HERE}: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape")
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        p_s = probabilities(student_logits, label_spec)
+        p_t = probabilities(teacher_logits.detach(), label_spec)
+        return ((p_s - p_t) ** 2).mean()
+
+
+@dataclass
+class MeanTeacherOptions(MethodOptions):
+    name: str = "mean_teacher"
+    consistency: float = 1.0  # λ, multiplies the ramp w (spec 1.5)
+    ramp: bool = True  # multiply by the ramp w; false: constant λ
+    student_view: str = "strong"  # strong | weak: the view of u fed to the student (the teacher sees weak)
+    unsupervised: bool = True  # false: the consistency term is dropped (supervised + EMA teacher)
+
+    def __post_init__(self) -> None:
+        if self.student_view not in ("strong", "weak"):
+            raise ValueError(f"{_HERE}: method.student_view must be 'strong' or 'weak', got {self.student_view!r}")
+        if self.consistency < 0:
+            raise ValueError(f"{_HERE}: method.consistency must be >= 0, got {self.consistency}")
+
+
+@register
+class MeanTeacher(Method):
+    name = "mean_teacher"
+    Options = MeanTeacherOptions
+    uses_teacher = True
+    description = "Mean Teacher: EMA teacher, MSE between student(strong) and teacher(weak) probabilities"
+
+    def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
+        opt: MeanTeacherOptions = self.options  # type: ignore[assignment]
+        spec = self.label_spec
+        logits_l = self.student(labelled["image"])
+        loss_sup, ce, dice = seg_loss(logits_l, labelled["label"], None, spec)
+        logs = {"loss_sup": loss_sup.detach(), "ce": ce.detach(), "dice_loss": dice.detach()}
+        if not opt.unsupervised:
+            return StepOutput(loss_sup, logs)
+        if self.teacher is None:
+            raise RuntimeError(f"{_HERE}: mean_teacher needs a teacher network (the engine builds one)")
+        u = require_unlabelled(unlabelled, _HERE)
+        with torch.no_grad():
+            logits_t = self.teacher(u["image"])
+        logits_s = self.student(u["strong"] if opt.student_view == "strong" else u["image"])
+        loss_cons = consistency_mse(logits_s, logits_t, spec)
+        w = consistency_weight(progress.iteration, progress.max_iterations) if opt.ramp else 1.0
+        weight = opt.consistency * w
+        loss = loss_sup + weight * loss_cons
+        logs.update(loss_cons=loss_cons.detach(), cons_weight=torch.full((), weight, device=loss.device))
+        return StepOutput(loss, logs)

@@ -1,0 +1,70 @@
+"""MiDSS (Ma et al., CVPR 2024, arXiv 2404.08951): intermediate domains by Unified Copy-Paste,
+Symmetric Guidance and TP-RAM. One training step, spec ust-run.md section 4.2, step by step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from medsemi.engine.schedules import consistency_weight
+from medsemi.methods.base import Batch, Method, Progress, StepOutput
+from medsemi.methods.intermediate import (
+    IntermediateOptions,
+    run_calls,
+    seg,
+    style_shift,
+    teacher_targets,
+    total_loss,
+    ucp_pairs,
+)
+from medsemi.methods.registry import register
+from medsemi.ops.boxes import random_boxes
+
+
+@dataclass
+class MiDSSOptions(IntermediateOptions):
+    name: str = "midss"
+
+
+@register
+class MiDSS(Method):
+    name = "midss"
+    Options = MiDSSOptions
+    uses_teacher = True
+    description = "MiDSS: UCP + SymGD + TP-RAM with a fixed labelled source per unlabelled image"
+
+    def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
+        o, spec, g = self.options, self.label_spec, self.generator
+        x_l, y_l = labelled["image"], labelled["label"]
+        u_w, u_s = unlabelled["image"], unlabelled["strong"]
+        b = len(u_w)
+        if len(x_l) < b:
+            raise ValueError("MiDSS pairs unlabelled sample i with labelled sample i: "
+                             "train.batch_size must be >= train.unlabelled_batch_size")
+        # 2. source of unlabelled sample i = labelled sample i, label = GT, weight = 1
+        source, src_y = x_l[:b], y_l[:b]
+        # 3. TP-RAM on each source with the style of the weak unlabelled view it is pasted into
+        shifted = style_shift(source, u_w, progress.fraction, o, g)
+        # 4. one cut-mix box per unlabelled sample
+        box = random_boxes(b, *u_w.shape[-2:], generator=g, device=u_w.device, prob=o.box_prob)
+        # 5. teacher on u_w and both mixed images (raw source), SymGD fusion
+        y0, k0, y_f, k_s = teacher_targets(self.teacher, u_w, source, box, spec, o)
+        # 6. UCP inputs and targets
+        (x_ul, y_ul, k_ul), (x_lu, y_lu, k_lu) = ucp_pairs(u_s, shifted, src_y, torch.ones_like(k0), y0, k0, box)
+        # 7. student forwards (separate calls unless forward_mode=fused); UCP off: no mixed inputs
+        calls = [x_l, u_s, x_ul, x_lu] if o.ucp else [x_l, u_s]
+        z = run_calls(self.student, calls, o.forward_mode)
+        # 8. losses
+        terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z[1], y_f, k_s, spec)}
+        if o.ucp:
+            terms["loss_ul"] = seg(z[2], y_ul, k_ul, spec)
+            terms["loss_lu"] = seg(z[3], y_lu, k_lu, spec)
+        # 9. L = L_sup + w (L_ul + L_lu + w L_s)
+        w = consistency_weight(progress.iteration, progress.max_iterations, o.ramp_epochs)
+        loss = total_loss(terms, w, o)
+        logs = {k: v.detach() for k, v in terms.items()}
+        logs["mask_ratio"] = k_s.float().mean()
+        logs["w"] = torch.tensor(w)
+        return StepOutput(loss, logs)
