@@ -157,3 +157,13 @@ def test_no_host_sync_on_meta_device() -> None:
     assert paste(img, img, boxes).shape == img.shape
     lab = torch.empty(4, 32, 32, dtype=torch.long, device="meta")
     assert paste(lab, lab, boxes).dtype == torch.long
+
+
+def test_fallback_when_no_candidate_fits() -> None:
+    # aspect 10-20 on a square image: h = sqrt(A r) > P for every candidate, so the documented fallback
+    # (a square of the drawn area at a uniform valid position) is used
+    y, x, h, w = sample_box_params(64, 32, 32, torch.Generator().manual_seed(0), area=(0.3, 0.4),
+                                   aspect=(10.0, 20.0))
+    assert torch.equal(h, w)
+    assert bool(((h >= int(math.sqrt(0.3 * 1024))) & (h <= int(math.sqrt(0.4 * 1024)))).all())
+    assert bool(((y + h) <= 32).all()) and bool(((x + w) <= 32).all())

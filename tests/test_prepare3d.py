@@ -43,6 +43,12 @@ def test_find_cases_msd_and_nnunet(tmp_path) -> None:
     _save(tmp_path / "nn/imagesTr/lung_004_0000.nii.gz", img)
     _save(tmp_path / "nn/labelsTr/lung_004.nii.gz", lab, dtype=np.int16)
     assert find_nifti_cases(tmp_path / "nn")[0].name == "lung_004"
+    _save(tmp_path / "nih/imagesTr/PANCREAS_0001.nii.gz", img)  # a _dddd name that is not a channel
+    _save(tmp_path / "nih/labelsTr/PANCREAS_0001.nii.gz", lab, dtype=np.int16)
+    assert find_nifti_cases(tmp_path / "nih")[0].name == "PANCREAS_0001"
+    _save(tmp_path / "nn/imagesTr/lung_004_0001.nii.gz", img)
+    with pytest.raises(ValueError, match="lung_004_0001.nii.gz: multi-channel"):
+        find_nifti_cases(tmp_path / "nn")
     _save(tmp_path / "nolab/imagesTr/lung_005.nii.gz", img)
     (tmp_path / "nolab/labelsTr").mkdir()
     with pytest.raises(FileNotFoundError, match="lung_005.nii.gz: no label file"):

@@ -175,6 +175,9 @@ def test_user_list_dir(tmp_path) -> None:
         load_versemi_split(20, list_dir=tmp_path / "leak")
     with pytest.raises(FileNotFoundError, match="train_lab_10.txt"):
         load_versemi_split(10, list_dir=tmp_path / "ok")
+    _write_lists(tmp_path / "nolab", [], ["data0002"], tests)
+    with pytest.raises(ValueError, match="no labelled cases"):
+        load_versemi_split(20, list_dir=tmp_path / "nolab")
     with pytest.raises(ValueError, match="ratio"):
         load_versemi_split(30)
 

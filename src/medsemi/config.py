@@ -69,6 +69,7 @@ class TrainSection:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam
     schedule: str = "poly"  # poly | constant
     poly_power: float = 0.9
     ema_decay: float = 0.99

@@ -23,7 +23,10 @@ to a point of the input. Fill semantics follow the original step by step:
 
 Masks are traced through the same steps but SNAPPED to a pixel at every step (round half up
 for the elastic step as scipy order 0, floor for PIL nearest rotate / resize), so a mask is
-exactly what the step-by-step nearest-neighbour pipeline gives, and stays in its label set.
+exactly what the step-by-step nearest-neighbour pipeline gives, and stays in its label set
+(resize rule ``floor((j + 0.5) W / out_w)`` in exact integer arithmetic; PIL's accumulated
+doubles can land one pixel lower exactly at ties). All channels of a multi-label mask use the
+same index map, so nesting such as cup-inside-disc survives.
 
 Mask fill: the rotation fill is the dataset's *background* (table 1.4: fundus and prostate fill
 255, M&Ms and BUSI fill 0, and in each case that raw value decodes to background). In the
@@ -34,7 +37,9 @@ Strong view (2.6), photometric only (it is applied to the weak view, so it share
 brightness (PIL ``ImageEnhance.Brightness``), contrast (PIL ``ImageEnhance.Contrast``, blend
 with the rounded mean grey value) and a separable Gaussian blur (reflection padding, per
 channel, sigma per sample, batched with a grouped convolution); every step truncates back to
-8 bit like PIL / ``ToPILImage`` do.
+8 bit like PIL / ``ToPILImage`` do (with a 1e-3 tolerance, so an exact level that float
+arithmetic turned into 99.99999 stays 100). The weak view is not quantised before the strong
+one (the original's weak view is 8-bit; here it is float after bilinear resampling).
 """
 
 from __future__ import annotations

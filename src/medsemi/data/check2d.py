@@ -18,9 +18,10 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -93,8 +94,15 @@ class CheckReport:
     def ok(self) -> bool:
         return not self.errors
 
-    def add(self, severity: str, code: str, message: str, path: Path | None = None,
-            domain: str | None = None, split: str | None = None) -> None:
+    def add(
+        self,
+        severity: str,
+        code: str,
+        message: str,
+        path: Path | None = None,
+        domain: str | None = None,
+        split: str | None = None,
+    ) -> None:
         self.problems.append(Problem(severity, code, message, path, domain, split))
 
     def stat(self, domain: str, split: str) -> SplitStats | None:
@@ -111,9 +119,13 @@ class CheckReport:
         }
 
     def to_text(self) -> str:
-        lines = [f"{self.format} dataset at {self.root}: "
-                 f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"]
-        lines.append(f"  {'domain':<14}{'split':<7}{'images':>7}{'masks':>7}  sizes (HxW)  channels  label values")
+        lines = [
+            f"{self.format} dataset at {self.root}: "
+            f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)"
+        ]
+        lines.append(
+            f"  {'domain':<14}{'split':<7}{'images':>7}{'masks':>7}  sizes (HxW)  channels  label values"
+        )
         for s in self.stats:
             sizes = ", ".join(f"{h}x{w}:{n}" for (h, w), n in s.sizes.most_common(3)) or "-"
             if len(s.sizes) > 3:
@@ -121,8 +133,9 @@ class CheckReport:
             chans = ",".join(str(c) for c in sorted(s.channels)) or "-"
             vals = sorted(s.label_values, key=str)
             shown = ",".join(str(v) for v in vals[:8]) + (",..." if len(vals) > 8 else "")
-            lines.append(f"  {s.domain:<14}{s.split:<7}{s.images:>7}{s.with_mask:>7}  {sizes}  {chans}  "
-                         f"{shown or '-'}")
+            lines.append(
+                f"  {s.domain:<14}{s.split:<7}{s.images:>7}{s.with_mask:>7}  {sizes}  {chans}  {shown or '-'}"
+            )
         for title, items in (("ERRORS", self.errors), ("WARNINGS", self.warnings)):
             if items:
                 lines.append(f"{title}:")
@@ -139,8 +152,15 @@ def _channels(img: Image.Image) -> int:
 
 
 class _Checker:
-    def __init__(self, fmt: Format2D, loader: PairLoader, report: CheckReport, deep: bool,
-                 optional: set[Path], generic_needed: set[str]) -> None:
+    def __init__(
+        self,
+        fmt: Format2D,
+        loader: PairLoader,
+        report: CheckReport,
+        deep: bool,
+        optional: set[Path],
+        generic_needed: set[str],
+    ) -> None:
         self.fmt, self.loader, self.report, self.deep = fmt, loader, report, deep
         self.optional, self.generic_needed = optional, generic_needed
         self.generic = hasattr(fmt, "scan")
@@ -162,14 +182,28 @@ class _Checker:
                 chans += 1 if a.ndim == 2 else a.shape[2]
                 norm = getattr(self.loader, "normalization", "uint8")
                 if norm == "uint8" and a.size and (a.min() < 0 or a.max() > 255):
-                    rep.add("warning", "intensity", f"values {a.min()}..{a.max()} outside 0..255 with uint8 "
-                            "normalisation", f, d, split)
+                    rep.add(
+                        "warning",
+                        "intensity",
+                        f"values {a.min()}..{a.max()} outside 0..255 with uint8 normalisation",
+                        f,
+                        d,
+                        split,
+                    )
             st.channels[chans] += 1
             if len(shapes) > 1:
-                rep.add("error", "size_mismatch", f"channel files have sizes {sorted(shapes)}", e.image, d, split)
+                rep.add(
+                    "error", "size_mismatch", f"channel files have sizes {sorted(shapes)}", e.image, d, split
+                )
             if chans != self.loader.channels:
-                rep.add("error", "channels", f"case {e.name} has {chans} channel(s), dataset.json names "
-                        f"{self.loader.channels}", e.image, d, split)
+                rep.add(
+                    "error",
+                    "channels",
+                    f"case {e.name} has {chans} channel(s), dataset.json names {self.loader.channels}",
+                    e.image,
+                    d,
+                    split,
+                )
             return next(iter(shapes))
         try:
             img = Image.open(e.image)
@@ -180,8 +214,15 @@ class _Checker:
             return None
         st.channels[_channels(img)] += 1
         if img.mode not in self.fmt.accepted_image_modes:
-            rep.add("error", "channels", f"image mode {img.mode} ({_channels(img)} channel(s)); "
-                    f"{self.fmt.name} expects {' or '.join(self.fmt.accepted_image_modes)}", e.image, d, split)
+            rep.add(
+                "error",
+                "channels",
+                f"image mode {img.mode} ({_channels(img)} channel(s)); "
+                f"{self.fmt.name} expects {' or '.join(self.fmt.accepted_image_modes)}",
+                e.image,
+                d,
+                split,
+            )
         return (img.size[1], img.size[0])
 
     def mask(self, e: Entry, hw: tuple[int, int] | None, st: SplitStats, d: str, split: str) -> None:
@@ -196,8 +237,14 @@ class _Checker:
             if severe:
                 rep.add("error", "missing_mask", f"image has no mask: expected {expected}", e.image, d, split)
             else:
-                rep.add("warning", "missing_mask", f"image has no mask (usable only as unlabelled): "
-                        f"expected {expected}", e.image, d, split)
+                rep.add(
+                    "warning",
+                    "missing_mask",
+                    f"image has no mask (usable only as unlabelled): expected {expected}",
+                    e.image,
+                    d,
+                    split,
+                )
             return
         st.with_mask += 1
         for m in e.masks:
@@ -215,8 +262,14 @@ class _Checker:
                 rep.add("error", "unreadable", f"cannot read mask: {exc}", m, d, split)
                 continue
             if hw is not None and tuple(mhw) != tuple(hw):
-                rep.add("error", "size_mismatch", f"mask is {mhw[0]}x{mhw[1]} but its image {e.image.name} is "
-                        f"{hw[0]}x{hw[1]}", m, d, split)
+                rep.add(
+                    "error",
+                    "size_mismatch",
+                    f"mask is {mhw[0]}x{mhw[1]} but its image {e.image.name} is {hw[0]}x{hw[1]}",
+                    m,
+                    d,
+                    split,
+                )
             if raw is not None:
                 self.values(raw, m, st, d, split)
 
@@ -227,16 +280,29 @@ class _Checker:
             st.label_values.update(tuple(int(x) for x in c) for c in colours[:_MAX_VALUES])
             bad = sorted(set(np.unique(raw).tolist()) - {0, 255})
             if bad:
-                self.report.add("warning", "label_values", f"channel values {bad[:10]} other than 0/255 "
-                                "(decoded as background)", m, d, split)
+                self.report.add(
+                    "warning",
+                    "label_values",
+                    f"channel values {bad[:10]} other than 0/255 (decoded as background)",
+                    m,
+                    d,
+                    split,
+                )
             return
         found = np.unique(raw).tolist()
         st.label_values.update(int(v) for v in found[:_MAX_VALUES])
         if codec.allowed_values is not None:
             bad = sorted(set(found) - set(codec.allowed_values))
             if bad:
-                self.report.add("error", "label_values", f"unexpected mask values {bad[:10]}; "
-                                f"{codec.name} masks hold {list(codec.allowed_values)}", m, d, split)
+                self.report.add(
+                    "error",
+                    "label_values",
+                    f"unexpected mask values {bad[:10]}; "
+                    f"{codec.name} masks hold {list(codec.allowed_values)}",
+                    m,
+                    d,
+                    split,
+                )
 
 
 def _generic_groups(fmt: Any, split: str, report: CheckReport) -> dict[int, list[Entry]]:
@@ -252,11 +318,30 @@ def _generic_groups(fmt: Any, split: str, report: CheckReport) -> dict[int, list
             report.add("error", "no_domain", str(exc), cases[case][0], None, split)
             continue
         groups.setdefault(e.domain, []).append(e)
-    for i in range(len(fmt.domains)):  # the orders of splits.json must name known cases
-        try:
-            fmt.list_split(i, split)
-        except DataFormatError as exc:
-            report.add("error", "splits_json", str(exc), fmt.root / "splits.json", fmt.domains[i], split)
+    orders = (fmt.split_file or {}).get(f"{split}_order") or {}
+    for d, ids in orders.items():  # the orders of splits.json must name known cases of their domain
+        if d not in fmt.domains:
+            report.add(
+                "error",
+                "splits_json",
+                f"{split}_order names unknown domain {d!r}",
+                fmt.root / "splits.json",
+                None,
+                split,
+            )
+            continue
+        i = fmt.domains.index(d)
+        known = {e.name for e in groups.get(i, [])}
+        for c in ids:
+            if c not in known:
+                report.add(
+                    "error",
+                    "splits_json",
+                    f"{split}_order[{d!r}] names {c!r}, not a {split} case of domain {d}",
+                    fmt.root / "splits.json",
+                    d,
+                    split,
+                )
     return groups
 
 
@@ -286,6 +371,8 @@ def check_dataset(
     except (OSError, DataFormatError, ValueError) as exc:
         report.add("error", "format", str(exc), Path(root))
         return report
+    if hasattr(fmt, "strict"):
+        fmt.strict = False  # type: ignore[attr-defined]
     loader = fmt.loader(patch_size)
     generic_needed: set[str] = set()
     if hasattr(fmt, "scan"):
@@ -304,8 +391,11 @@ def check_dataset(
     checker = _Checker(fmt, loader, report, deep, {Path(p).resolve() for p in mask_optional}, generic_needed)
     native_hw: tuple[int, int] | None = None
     if loader.size is None:
-        native_hw = getattr(fmt, "patch_hw", None) if hasattr(fmt, "scan") else (
-            None if fmt.native_patch is None else (fmt.native_patch, fmt.native_patch))
+        native_hw = (
+            getattr(fmt, "patch_hw", None)
+            if hasattr(fmt, "scan")
+            else (None if fmt.native_patch is None else (fmt.native_patch, fmt.native_patch))
+        )
     for split in SPLITS:
         if hasattr(fmt, "scan"):
             groups = _generic_groups(fmt, split, report)
@@ -327,20 +417,45 @@ def check_dataset(
                 if hw is not None:
                     st.sizes[hw] += 1
                     if native_hw is not None and tuple(hw) != tuple(native_hw):
-                        report.add("error", "image_size", f"image is {hw[0]}x{hw[1]}; the {fmt.name} reader "
-                                   f"does not resize and the patch is {native_hw[0]}x{native_hw[1]}",
-                                   e.image, d, split)
+                        report.add(
+                            "error",
+                            "image_size",
+                            f"image is {hw[0]}x{hw[1]}; the {fmt.name} reader "
+                            f"does not resize and the patch is {native_hw[0]}x{native_hw[1]}",
+                            e.image,
+                            d,
+                            split,
+                        )
                 checker.mask(e, hw, st, d, split)
             for m in fmt.orphan_masks(i, split):
-                report.add("warning", "orphan_mask", "mask without image", m, None if hasattr(fmt, "scan") else d,
-                           split)
+                report.add(
+                    "warning",
+                    "orphan_mask",
+                    "mask without image",
+                    m,
+                    None if hasattr(fmt, "scan") else d,
+                    split,
+                )
             n_exp = expected.get(split, {}).get(d)
             if n_exp is not None and n_exp != len(entries):
-                report.add("warning", "count", f"{len(entries)} {split} images, the paper has {n_exp}",
-                           None, d, split)
+                report.add(
+                    "warning",
+                    "count",
+                    f"{len(entries)} {split} images, the paper has {n_exp}",
+                    None,
+                    d,
+                    split,
+                )
         if hasattr(fmt, "scan") and loader.size is None and native_hw is None:
             sizes = Counter(s for st in report.stats if st.split == split for s in st.sizes.elements())
             if len(sizes) > 1:
-                report.add("error", "image_size", f"images of different sizes {dict(sizes)} and no patch_size "
-                           "in dataset.json to resize them", fmt.root, None, split)
+                report.add(
+                    "error",
+                    "image_size",
+                    f"images of different sizes {dict(sizes)} and no patch_size "
+                    "in dataset.json to resize them",
+                    fmt.root,
+                    None,
+                    split,
+                )
     return report

@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -143,8 +144,9 @@ def convert_to_generic(
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in fmt.settings(int(patch[0])).items()}
     meta = {
         "name": name or fmt.name,
-        "channel_names": {str(i): c for i, c in enumerate(("R", "G", "B") if fmt.image_mode == "RGB" else
-                                                           ("grey",))},
+        "channel_names": {
+            str(i): c for i, c in enumerate(("R", "G", "B") if fmt.image_mode == "RGB" else ("grey",))
+        },
         "labels": labels_entry(fmt),
         "file_ending": file_ending,
         "numTraining": sum(counts["train"].values()),
@@ -164,13 +166,21 @@ def convert_to_generic(
         "test": [ids[e.image] for v in sl.test.values() for e in v],
         "train_order": orders["train"],
         "test_order": orders["test"],
-        "paper_split": {"lb_domain": sl.lb_domain, "lb_num": sl.lb_num, "val_fraction": val_fraction,
-                        "split_seed": split_seed},
+        "paper_split": {
+            "lb_domain": sl.lb_domain,
+            "lb_num": sl.lb_num,
+            "val_fraction": val_fraction,
+            "split_seed": split_seed,
+        },
     }
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     (out / "splits.json").write_text(json.dumps(splits, indent=2))
-    return {"out_dir": str(out), "counts": counts, "train_without_label": missing,
-            "split": {k: len(v) for k, v in splits.items() if isinstance(v, list)}}
+    return {
+        "out_dir": str(out),
+        "counts": counts,
+        "train_without_label": missing,
+        "split": {k: len(v) for k, v in splits.items() if isinstance(v, list)},
+    }
 
 
 def converted_names(out_dir: str | Path) -> dict[str, str]:

@@ -8,10 +8,10 @@ Layout::
       imagesTr/{case}_{CCCC}{ext}     imagesTs/{case}_{CCCC}{ext}
       labelsTr/{case}{ext}            labelsTs/{case}{ext}
 
-``ext`` is ``dataset.json["file_ending"]`` (``.png`` default, or ``.nii.gz`` / ``.nii``). ``CCCC`` is a 4-digit
-channel-file index starting at ``0000``; a file contributes all its channels (a grey PNG 1, an RGB PNG 3, a
-NIfTI ``(H, W)`` / ``(H, W, 1)`` array 1, ``(H, W, C)`` C), in file order; the total must equal the number
-of ``channel_names``. NIfTI arrays are read as nibabel returns them, first axis = image rows (H).
+``ext`` is ``dataset.json["file_ending"]`` (``.png`` default, or ``.nii.gz`` / ``.nii``). ``CCCC`` is
+a 4-digit channel-file index starting at ``0000``; a file contributes all its channels (a grey PNG 1, an
+RGB PNG 3, a NIfTI ``(H, W)`` / ``(H, W, 1)`` array 1, ``(H, W, C)`` C), in file order; the total must
+equal the number of ``channel_names``. NIfTI arrays are read as nibabel returns them, first axis = rows.
 A training case without a label file is allowed: it can only be used as unlabelled data.
 
 ``dataset.json`` keys (nnU-Net's plus ours)::
@@ -60,9 +60,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,8 +142,9 @@ def codec_from_labels(labels: dict[str, Any]) -> MaskCodec:
             regions.append(vals)
         spec = LabelSpec("multilabel", tuple(names))
         allowed = tuple(sorted({0, *(x for r in regions for x in r)}))
-        return MaskCodec("generic-regions", spec, RegionDecode(tuple(regions)),
-                         RegionEncode(tuple(regions)), allowed)
+        return MaskCodec(
+            "generic-regions", spec, RegionDecode(tuple(regions)), RegionEncode(tuple(regions)), allowed
+        )
     items = sorted(((int(v), k) for k, v in labels.items()), key=lambda t: t[0])
     if [v for v, _ in items] != list(range(len(items))):
         raise DataFormatError(f"exclusive label values must be 0..K-1, got {dict(labels)}")
@@ -255,6 +257,7 @@ class GenericFormat(Format2D):
     """The generic layout of the module docstring, described by ``root/dataset.json``."""
 
     name = "generic"
+    strict = True  # False (check2d): files with malformed names are skipped by ``scan`` instead of raising
 
     def __init__(self, root: str | Path) -> None:
         super().__init__(root)
@@ -307,6 +310,8 @@ class GenericFormat(Format2D):
             m = _CHANNEL.match(stem) if stem is not None else None
             if m is None:
                 msg = f"not a '{{case}}_{{CCCC}}{self.file_ending}' image file"
+                if problems is None and not self.strict:
+                    continue
                 if problems is None:
                     raise DataFormatError(f"{p}: {msg}")
                 problems.append((p, msg))
@@ -315,7 +320,11 @@ class GenericFormat(Format2D):
         out: dict[str, list[Path]] = {}
         for case, chans in files.items():
             if sorted(chans) != list(range(len(chans))):
-                msg = f"case {case}: channel files {sorted(chans)} are not numbered 0000..{len(chans) - 1:04d}"
+                msg = (
+                    f"case {case}: channel files {sorted(chans)} are not numbered 0000..{len(chans) - 1:04d}"
+                )
+                if problems is None and not self.strict:
+                    continue
                 if problems is None:
                     raise DataFormatError(f"{folder}: {msg}")
                 problems.append((chans[min(chans)], msg))
@@ -352,8 +361,9 @@ class GenericFormat(Format2D):
             ids = list(orders[name])
             unknown = [c for c in ids if c not in cases]
             if unknown:
-                raise DataFormatError(f"{self.root / 'splits.json'}: {order_key}[{name!r}] names unknown "
-                                      f"case {unknown[0]!r}")
+                raise DataFormatError(
+                    f"{self.root / 'splits.json'}: {order_key}[{name!r}] names unknown case {unknown[0]!r}"
+                )
         else:
             ids = sorted(c for c in cases if self.domain_of(c) == domain)
         return [self.entry(c, split, cases[c]) for c in ids]
@@ -366,7 +376,8 @@ class GenericFormat(Format2D):
             return []
         cases = self.scan(split, problems=[])
         return sorted(
-            p for p in folder.iterdir()
+            p
+            for p in folder.iterdir()
             if p.is_file() and (_strip(p.name, self.file_ending) or "\0") not in cases
         )
 
@@ -398,8 +409,15 @@ class GenericFormat(Format2D):
         return super().patch(patch_size)
 
     def loader(self, patch_size: int | Sequence[int] | None = None) -> GenericLoader:
-        return GenericLoader(self.codec, self.image_mode, self.patch(patch_size), self.image_resample, "L",
-                             num_channels=self.num_channels, normalization=self.normalization)
+        return GenericLoader(
+            self.codec,
+            self.image_mode,
+            self.patch(patch_size),
+            self.image_resample,
+            "L",
+            num_channels=self.num_channels,
+            normalization=self.normalization,
+        )
 
     def info(self, patch_size: int | Sequence[int] | None = None) -> DatasetInfo:
         size = self.patch(patch_size) or self.patch_hw
@@ -407,5 +425,6 @@ class GenericFormat(Format2D):
             raise DataFormatError(f"{self.root / 'dataset.json'}: no patch_size; pass one")
         extra = self.settings(int(size[0]))
         extra.update(self.meta.get("settings", {}))
-        return DatasetInfo(self.name, self.num_channels, self.codec.label_spec, self.domains,
-                           tuple(size), extra=extra)
+        return DatasetInfo(
+            self.name, self.num_channels, self.codec.label_spec, self.domains, tuple(size), extra=extra
+        )

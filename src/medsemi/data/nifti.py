@@ -8,6 +8,7 @@ voxel order (x, y, z), which is the layout of spec versemi.md 1.4 (slice axis la
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ class NiftiVolume:
     path: Path
 
 
+def _exists(folder: Path, stem: str) -> Path | None:
+    for s in NIFTI_SUFFIXES:
+        cand = folder / f"{stem}{s}"
+        if cand.is_file():
+            return cand
+    return None
+
+
 def find_nifti_cases(src_dir: str | Path, *, images: str = "imagesTr", labels: str = "labelsTr",
                      require_labels: bool = True) -> list[NiftiCase]:
     """List the cases of ``src_dir/imagesTr`` with their ``labelsTr`` file, sorted by name.
@@ -62,24 +71,14 @@ def find_nifti_cases(src_dir: str | Path, *, images: str = "imagesTr", labels: s
         stem = _strip_suffix(p.name)
         if stem is None:
             continue
-        name = stem
-        label_stems = [stem]
-        if stem.endswith("_0000"):
-            name = stem[:-5]
-            label_stems.insert(0, name)
-        elif len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        channel = re.search(r"_\d{4}$", stem) and not stem.endswith("_0000")
+        if channel and _exists(img_dir, stem[:-5] + "_0000"):
             raise ValueError(f"{p}: multi-channel nnU-Net images are not supported (only _0000)")
-        label_path = None
-        for ls in label_stems:
-            for s in NIFTI_SUFFIXES:
-                cand = lab_dir / f"{ls}{s}"
-                if cand.is_file():
-                    label_path = cand
-                    break
-            if label_path is not None:
-                break
+        name, label_path = stem, _exists(lab_dir, stem)
+        if label_path is None and stem.endswith("_0000"):
+            name, label_path = stem[:-5], _exists(lab_dir, stem[:-5])
         if label_path is None and require_labels:
-            raise FileNotFoundError(f"{p}: no label file {lab_dir}/{label_stems[0]}.nii.gz")
+            raise FileNotFoundError(f"{p}: no label file {lab_dir}/{name}.nii.gz")
         cases.append(NiftiCase(name, p, label_path))
     if not cases:
         raise ValueError(f"{img_dir}: no NIfTI images (*.nii.gz, *.nii) found")

@@ -22,9 +22,10 @@ replaced, never a substring of the root path (spec 6 item 16).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,7 @@ class Entry:
 
 
 def mask_path_for(image: Path, root: Path, image_dir: str = "image", mask_dir: str = "mask") -> Path:
-    """Replace the last folder component named ``image_dir`` below ``root`` by ``mask_dir`` (spec 6 item 16)."""
+    """Replace the last folder named ``image_dir`` below ``root`` by ``mask_dir`` (spec 6 item 16)."""
     image, root = Path(image), Path(root)
     try:
         rel = image.relative_to(root)
@@ -118,7 +119,7 @@ def read_list_file(list_file: Path, search_dirs: Sequence[Path]) -> list[Path]:
 
 
 def to_unit_range(array: np.ndarray) -> torch.Tensor:
-    """8-bit ``(H, W)`` or ``(H, W, C)`` -> float32 ``(C, H, W)`` with ``v / 127.5 - 1`` (spec 2, Normalize_tf)."""
+    """8-bit ``(H, W)`` / ``(H, W, C)`` -> float32 ``(C, H, W)``, ``v / 127.5 - 1`` (spec 2, Normalize_tf)."""
     a = np.asarray(array, dtype=np.float32)
     if a.ndim == 2:
         a = a[None]
@@ -227,7 +228,7 @@ class FilePairDataset(Dataset):
             sample["label"] = self.loader.load_label(e)
         return sample
 
-    def subset(self, indices: Sequence[int]) -> "FilePairDataset":
+    def subset(self, indices: Sequence[int]) -> FilePairDataset:
         return FilePairDataset([self.entries[i] for i in indices], self.loader, self.labels)
 
     def cache(self) -> TensorDataset2D:
@@ -237,7 +238,9 @@ class FilePairDataset(Dataset):
         samples = [self[i] for i in range(len(self))]
         shapes = {tuple(s["image"].shape) for s in samples}
         if len(shapes) > 1:
-            raise DataFormatError(f"images have different shapes {sorted(shapes)}; set a patch size to resize")
+            raise DataFormatError(
+                f"images have different shapes {sorted(shapes)}; set a patch size to resize"
+            )
         images = torch.stack([s["image"] for s in samples])
         labels = torch.stack([s["label"] for s in samples]) if self.labels else None
         return TensorDataset2D(images, labels, [s["domain"] for s in samples], [s["name"] for s in samples])
@@ -300,7 +303,9 @@ class Format2D:
         return (int(h), int(w))
 
     def loader(self, patch_size: int | Sequence[int] | None = None) -> PairLoader:
-        return PairLoader(self.codec, self.image_mode, self.patch(patch_size), self.image_resample, self.mask_mode)
+        return PairLoader(
+            self.codec, self.image_mode, self.patch(patch_size), self.image_resample, self.mask_mode
+        )
 
     def dataset(
         self, entries: Sequence[Entry], patch_size: int | Sequence[int] | None = None, labels: bool = True
@@ -321,7 +326,8 @@ class Format2D:
     def settings(self, p: int) -> dict[str, Any]:
         """Per-dataset training settings of spec 1.4 (patch-dependent ones computed from ``p``).
 
-        Blur kernel: ``k = int(0.1 P)`` made odd as ``2 floor(k/2) + 1``; TP-RAM window side ``2 floor(0.01 P) + 1``.
+        Blur kernel: ``k = int(0.1 P)`` made odd as ``2 floor(k/2) + 1``; TP-RAM window side
+        ``2 floor(0.01 P) + 1``.
         """
         k = int(0.1 * p)
         return {
@@ -362,7 +368,9 @@ class FolderFormat(Format2D):
         if lf is not None:
             images = read_list_file(lf, [self.root, folder])
         elif folder.is_dir():
-            images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in self.extensions)
+            images = sorted(
+                p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in self.extensions
+            )
         else:
             images = []
         return [self._entry(p, domain) for p in images]
@@ -374,7 +382,8 @@ class FolderFormat(Format2D):
             return []
         expected = {e.masks[0] for e in self.list_split(domain, split)}
         return sorted(
-            p for p in mfolder.iterdir()
+            p
+            for p in mfolder.iterdir()
             if p.is_file() and p.suffix.lower() in self.extensions and p not in expected
         )
 

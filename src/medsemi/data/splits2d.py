@@ -21,9 +21,9 @@ first n of the remaining list). ``lb_ratio`` counts the training files before th
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -115,12 +115,23 @@ def split_lists(
         if not hasattr(fmt, "explicit_lists"):
             raise ValueError(f"{fmt.name}: lb_domain (1..{k}) is required")
         if val_fraction:
-            raise ValueError("val_fraction applies to the paper rule; splits.json has its own validation list")
+            raise ValueError(
+                "val_fraction applies to the paper rule; splits.json has its own validation list"
+            )
         ex = fmt.explicit_lists()  # type: ignore[attr-defined]
         by_domain = {d: [e for e in ex["test"] if e.domain == i] for i, d in enumerate(fmt.domains)}
         val = {d: [e for e in ex["validation"] if e.domain == i] for i, d in enumerate(fmt.domains)}
-        return SplitLists(fmt, ex["labelled"], ex["unlabelled"], by_domain, {d: v for d, v in val.items() if v},
-                          trains, tests, None, len(ex["labelled"]))
+        return SplitLists(
+            fmt,
+            ex["labelled"],
+            ex["unlabelled"],
+            by_domain,
+            {d: v for d, v in val.items() if v},
+            trains,
+            tests,
+            None,
+            len(ex["labelled"]),
+        )
     if not 1 <= lb_domain <= k:
         raise ValueError(f"{fmt.name}: lb_domain must be 1..{k} (domains {fmt.domains}), got {lb_domain}")
     total = sum(len(v) for v in trains.values())

@@ -21,7 +21,7 @@ Two targets (``SyntheticConfig.kind``):
 Domain styles (index 0-based = folder ``Domain1``...). Multi-label (fundus-like):
 
 1. *Drishti-like*: warm orange-brown retina, yellow disc, near-white cup, mild blur, little noise.
-2. *RIM-ONE-like*: dark red, low-contrast image (gamma 1.3), strong reddish blotchy texture, blurrier,
+2. *RIM-ONE-like*: dark red image (gamma 1.2), strong reddish blotchy texture, blurrier,
    slightly smaller discs.
 3. *REFUGE/Zeiss-like*: olive-green tint (channel mixing), circular black field-of-view border, strong
    smooth illumination (bias) field, smaller discs.
@@ -157,9 +157,9 @@ FUNDUS_STYLES: tuple[FundusStyle, ...] = (
     FundusStyle("Drishti-like: warm orange-brown, yellow disc, mild blur, little noise",
                 (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
                 blur=0.5, noise=0.01, bias=0.10, texture=0.03),
-    FundusStyle("RIM-ONE-like: dark red, low contrast, blotchy red texture, blurrier, smaller discs",
-                (0.40, 0.10, 0.05), (0.70, 0.34, 0.20), (0.82, 0.46, 0.30), (0.26, 0.04, 0.02),
-                gamma=1.3, contrast=0.85, blur=1.0, noise=0.015, bias=0.15, texture=0.08,
+    FundusStyle("RIM-ONE-like: dark red, gamma 1.2, blotchy red texture, blurrier, smaller discs",
+                (0.40, 0.10, 0.05), (0.72, 0.36, 0.20), (0.90, 0.60, 0.42), (0.26, 0.04, 0.02),
+                gamma=1.2, blur=0.9, noise=0.015, bias=0.15, texture=0.06,
                 texture_scale=5.0, size_scale=0.9),
     FundusStyle("REFUGE/Zeiss-like: olive-green mix, circular field of view, strong illumination field",
                 (0.50, 0.34, 0.12), (0.90, 0.78, 0.40), (0.98, 0.92, 0.62), (0.36, 0.14, 0.05),
@@ -186,8 +186,8 @@ PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
                   0.02, 0.45, 0.16, 0.62, 0.38, 0.08, 0.85, contrast=1.2, blur=0.4, noise=0.02,
                   texture=0.04, texture_scale=1.2, size_scale=1.05),
     ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, organ close to muscle",
-                  0.03, 0.60, 0.45, 0.78, 0.55, 0.20, 0.95, blur=0.2, noise=0.06, rician=True,
-                  texture=0.05, size_scale=0.95),
+                  0.03, 0.60, 0.42, 0.82, 0.68, 0.20, 0.95, blur=0.2, noise=0.05, rician=True,
+                  texture=0.03, size_scale=0.95),
     ProstateStyle("UCL/RUNMC-like: inverted contrast, bright fat, dark organ periphery, bright centre",
                   0.0, 0.78, 0.30, 0.12, 0.45, 0.85, 0.15, blur=0.5, noise=0.025, bias=0.2,
                   texture=0.04),

@@ -40,10 +40,7 @@ def read_list(file_name: str, list_dir: str | Path | None = None) -> list[str]:
     path = Path(list_dir) / file_name
     if not path.is_file():
         raise FileNotFoundError(f"{path}: list file not found")
-    names = parse_list(path.read_text(encoding="utf-8"))
-    if not names:
-        raise ValueError(f"{path}: list file is empty")
-    return names
+    return parse_list(path.read_text(encoding="utf-8"))
 
 
 def group_by_task(names: list[str]) -> dict[int, tuple[str, ...]]:
@@ -99,6 +96,8 @@ class VerSemiSplit:
     def validate(self) -> list[str]:
         """Problems with the split: duplicates, labelled/unlabelled overlap, train/test overlap."""
         problems: list[str] = []
+        if not self.labelled:
+            problems.append(f"{self.source}: no labelled cases (train_lab_{self.ratio}.txt is empty)")
         for what, names in (("labelled", self.labelled), ("unlabelled", self.unlabelled)):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:

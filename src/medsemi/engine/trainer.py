@@ -82,7 +82,7 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
             params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, nesterov=tr.nesterov
         )
     if tr.optimizer == "adam":
-        return torch.optim.Adam(params, lr=tr.lr, weight_decay=tr.weight_decay)
+        return torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
     raise ValueError(f"train.optimizer must be sgd or adam, got {tr.optimizer!r}")
 
 
@@ -138,17 +138,26 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
-        augment = BatchAugment(cfg.augment, info.label_spec)
-        bs = cfg.train
-        self.labelled = PoolSource(self.splits.labelled, bs.batch_size, self.device, seed + 2, augment)
-        self.unlabelled = None
-        if method_cls.uses_unlabelled:
-            self.unlabelled = PoolSource(
-                self.splits.unlabelled, bs.unlabelled_batch_size, self.device, seed + 3, augment,
-                strong=True, with_label=False,
+        if hasattr(self.splits, "make_sources"):  # datasets with their own sampling (3D volumes)
+            self.labelled, self.unlabelled = self.splits.make_sources(
+                cfg, self.device, seed, method_cls.uses_unlabelled
             )
-        self.test_data = {d: cache_dataset(ds, self.device) for d, ds in self.splits.test.items()}
-        self.val_data = {d: cache_dataset(ds, self.device) for d, ds in self.splits.validation.items()}
+        else:
+            augment = BatchAugment(cfg.augment, info.label_spec)
+            bs = cfg.train
+            self.labelled = PoolSource(self.splits.labelled, bs.batch_size, self.device, seed + 2, augment)
+            self.unlabelled = None
+            if method_cls.uses_unlabelled:
+                self.unlabelled = PoolSource(
+                    self.splits.unlabelled, bs.unlabelled_batch_size, self.device, seed + 3, augment,
+                    strong=True, with_label=False,
+                )
+        self.own_eval = hasattr(self.splits, "evaluate")  # 3D: sliding-window evaluation per task
+        cache = (lambda sets: {}) if self.own_eval else (
+            lambda sets: {d: cache_dataset(ds, self.device) for d, ds in sets.items()}
+        )
+        self.test_data = cache(self.splits.test)
+        self.val_data = cache(self.splits.validation)
         self.policy = policy_from_config(cfg)
 
         self.iteration = 0
@@ -297,6 +306,8 @@ class Trainer:
         nets = {"student": unwrap(self.student)}
         if self.method.teacher is not None and self.cfg.eval.evaluate_teacher:
             nets["teacher"] = self.method.teacher
+        if self.own_eval:
+            return self.splits.evaluate(nets, self.cfg, self.device, surface=surface, amp=self.amp)
         kw = dict(
             label_spec=self.splits.info.label_spec, policy=self.policy,
             batch_size=self.cfg.eval.batch_size, surface=surface, amp=self.amp,

@@ -138,19 +138,25 @@ def evaluate_run(
     cfg = cfg or load_config(run_dir / "config.yaml")
     dev = resolve_device(device)
     splits = splits or build_splits(cfg)
-    test_data = {d: cache_dataset(ds, dev) for d, ds in splits.test.items()}
+    own_eval = hasattr(splits, "evaluate")  # 3D datasets evaluate themselves (sliding window per task)
+    test_data = {} if own_eval else {d: cache_dataset(ds, dev) for d, ds in splits.test.items()}
     policy = policy_from_config(cfg)
     results: dict[str, Any] = {}
     for role in which:
         model = load_network(run_dir, role, cfg, splits, dev)
         if model is None:
             continue
-        res = evaluate_networks({role: model}, test_data, splits.info.label_spec, policy,
-                                cfg.eval.batch_size, surface=cfg.eval.surface_metrics != "never")[role]
+        surface = cfg.eval.surface_metrics != "never"
+        if own_eval:
+            res = splits.evaluate({role: model}, cfg, dev, surface=surface, amp="off")["test"][role]
+        else:
+            res = evaluate_networks({role: model}, test_data, splits.info.label_spec, policy,
+                                    cfg.eval.batch_size, surface=surface,
+                                    selection_metric=cfg.eval.selection_metric)[role]
         file = run_dir / "checkpoints" / CHECKPOINTS[role][0]
         res["iteration"] = int(load_checkpoint(file)["iteration"])
         results[role] = res
-        if role == "best_test" or (role == "last_student" and "best_test" not in results):
+        if not own_eval and (role == "best_test" or (role == "last_student" and "best_test" not in results)):
             write_overlays(model, test_data, splits, run_dir / "overlays", cfg.eval.overlays)
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")

@@ -64,7 +64,8 @@ class MeanTeacherOptions(MethodOptions):
 
     def __post_init__(self) -> None:
         if self.student_view not in ("strong", "weak"):
-            raise ValueError(f"{_HERE}: method.student_view must be 'strong' or 'weak', got {self.student_view!r}")
+            raise ValueError(f"{_HERE}: method.student_view must be 'strong' or 'weak', "
+                             f"got {self.student_view!r}")
         if self.consistency < 0:
             raise ValueError(f"{_HERE}: method.consistency must be >= 0, got {self.consistency}")
 

@@ -123,7 +123,8 @@ class UniMatchOptions(MethodOptions):
         for key, allowed in (("teacher", ("student", "ema")), ("second_view", ("augment", "same")),
                              ("unsup_loss", ("dice", "ce+dice", "ce"))):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{_HERE}: method.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+                raise ValueError(f"{_HERE}: method.{key} must be one of {allowed}, "
+                                 f"got {getattr(self, key)!r}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"{_HERE}: method.threshold must be in [0, 1], got {self.threshold}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
@@ -149,6 +150,18 @@ class UniMatch(Method):
         if opt.second_view == "same":
             return u["strong"]
         return self._augment.strong(u["image"], self.generator)
+
+    def cutmix(self, view: torch.Tensor, label: torch.Tensor, mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cut-mix a view with the batch rolled by one, and its pseudo-label and mask with the same box.
+
+        Sample ``i`` receives, inside its box (spec 4.1 sampler, probability ``cutmix_prob``), the
+        pixels of sample ``i-1`` (cyclically) and that sample's pseudo-label / mask."""
+        opt: UniMatchOptions = self.options  # type: ignore[assignment]
+        b, _, h, w = view.shape
+        box = random_boxes(b, h, w, self.generator, view.device, prob=opt.cutmix_prob)
+        return (paste(view, view.roll(1, dims=0), box), paste(label, label.roll(1, dims=0), box),
+                paste(mask, mask.roll(1, dims=0), box))
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         opt: UniMatchOptions = self.options  # type: ignore[assignment]
@@ -176,15 +189,8 @@ class UniMatch(Method):
         y1 = y2 = label
         k1 = k2 = mask
         if opt.cutmix:
-            b, _, h, w = u_w.shape
-            dev = u_w.device
-            box1 = random_boxes(b, h, w, self.generator, dev, prob=opt.cutmix_prob)
-            box2 = random_boxes(b, h, w, self.generator, dev, prob=opt.cutmix_prob)
-            label_p, mask_p = label.roll(1, dims=0), mask.roll(1, dims=0)
-            v1 = paste(v1, v1.roll(1, dims=0), box1)
-            v2 = paste(v2, v2.roll(1, dims=0), box2)
-            y1, k1 = paste(label, label_p, box1), paste(mask, mask_p, box1)
-            y2, k2 = paste(label, label_p, box2), paste(mask, mask_p, box2)
+            v1, y1, k1 = self.cutmix(v1, label, mask)
+            v2, y2, k2 = self.cutmix(v2, label, mask)
         pred_s1, pred_s2 = self.student(torch.cat([v1, v2])).chunk(2)
 
         loss_x, ce, dice = seg_loss(pred_x, labelled["label"], None, spec)

@@ -127,7 +127,7 @@ class USTRUN(Method):
         calls = [x_l, u_s] + ([x_ul, x_lu] if o.ucp else []) + ([lq[0]] if lq is not None else [])
         z = run_calls(self.student, calls, o.forward_mode)
         # 8. hardness = 1 - mean smoothed Dice(student, teacher); forced to 1 in the first epoch
-        h = hardness(y_hat, y0, spec, o.hardness_empty_rule, o.hardness_ignore_absent).float()
+        h = hardness(y_hat, y0, spec, o.hardness_empty_rule, o.hardness_ignore_absent)  # float64 as the original
         if progress.epoch < o.warmup_hardness_epochs:
             h = torch.ones_like(h)
         # 10. refill LQ with the hardest sample (first on ties)
@@ -151,7 +151,7 @@ class USTRUN(Method):
         loss = total_loss(terms, w, o)
         logs = {k: v.detach() for k, v in terms.items()}
         logs.update(
-            mask_ratio=k_s.float().mean(), hardness=h.mean(), reliable=reliable.float().sum(),
+            mask_ratio=k_s.float().mean(), hardness=h.float().mean(), reliable=reliable.float().sum(),
             theta=theta_before.float(), queue_size=self.queue.count.float(), w=torch.tensor(w),
         )
         return StepOutput(loss, logs)
