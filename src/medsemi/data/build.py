@@ -29,6 +29,10 @@ def build_splits(cfg: Config) -> Splits:
         return build_synthetic_splits(
             syn, data.lb_domain, data.lb_num, val_fraction=data.val_fraction, split_seed=data.split_seed
         )
+    if data.format in ("versemi", "synthetic3d"):
+        from medsemi.data.build3d import build_versemi_splits
+
+        return build_versemi_splits(cfg)  # type: ignore[return-value]
     if data.format in FORMATS_2D:
         if not data.root:
             raise ConfigError(f"data.format={data.format} needs data.root (the dataset folder)")
@@ -46,7 +50,8 @@ def build_splits(cfg: Config) -> Splits:
         return build_2d(
             data.format,
             data.root,
-            lb_domain=data.lb_domain,
+            # generic format: lb_domain 0 = use splits.json as written
+            lb_domain=None if data.format == "generic" and data.lb_domain == 0 else data.lb_domain,
             lb_num=data.lb_num,
             lb_ratio=data.lb_ratio,
             patch_size=data.patch_size,

@@ -189,7 +189,7 @@ PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
                   0.03, 0.60, 0.42, 0.82, 0.68, 0.20, 0.95, blur=0.2, noise=0.05, rician=True,
                   texture=0.03, size_scale=0.95),
     ProstateStyle("UCL/RUNMC-like: inverted contrast, bright fat, dark organ periphery, bright centre",
-                  0.0, 0.78, 0.30, 0.12, 0.45, 0.85, 0.15, blur=0.5, noise=0.025, bias=0.2,
+                  0.0, 0.85, 0.32, 0.12, 0.45, 0.85, 0.15, gamma=0.8, blur=0.5, noise=0.025, bias=0.2,
                   texture=0.04),
     ProstateStyle("low-field-like: very blurry, low contrast, heavy noise",
                   0.05, 0.40, 0.28, 0.55, 0.42, 0.15, 0.70, contrast=0.7, blur=1.6, noise=0.07),

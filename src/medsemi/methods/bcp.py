@@ -67,8 +67,8 @@ def bcp_box(batch: int, height: int, width: int, generator: torch.Generator | No
         u = torch.rand((n, 2), device=device, dtype=torch.float64)
     else:
         u = torch.rand((n, 2), generator=generator, device=generator.device, dtype=torch.float64).to(device)
-    y = torch.minimum(torch.floor(u[:, 0] * ny), torch.tensor(ny - 1.0, device=device, dtype=u.dtype)).long()
-    x = torch.minimum(torch.floor(u[:, 1] * nx), torch.tensor(nx - 1.0, device=device, dtype=u.dtype)).long()
+    y = torch.floor(u[:, 0] * ny).clamp(max=ny - 1).long()
+    x = torch.floor(u[:, 1] * nx).clamp(max=nx - 1).long()
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
     in_rows = (rows[None, :] >= y[:, None]) & (rows[None, :] < (y + ph)[:, None])

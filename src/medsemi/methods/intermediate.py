@@ -14,11 +14,12 @@ from torch import nn
 from medsemi.data.contract import LabelSpec
 from medsemi.losses import seg_loss
 from medsemi.methods.base import MethodOptions
+from medsemi.nets.grouped_norm import ensure_grouped_norm, grouped_batches
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label, symgd_fuse
 from medsemi.ops.tpram import amplitude_mix, sample_ratios
 
-FORWARD_MODES = ("separate", "fused")
+FORWARD_MODES = ("separate", "fused", "grouped")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class IntermediateOptions(MethodOptions):
     # separate: one forward per call, per-call BatchNorm statistics (faithful, spec 3.5)
     # fused: the teacher calls in one forward and the student calls in one forward (shared BN
     # statistics; faster, changes semantics; off by default)
+    # grouped: one forward per network like fused, but BatchNorm statistics and running buffers per
+    # original call (nets/grouped_norm.py), equal to separate up to rounding
     forward_mode: str = "separate"
 
     def __post_init__(self) -> None:
@@ -44,11 +47,26 @@ class IntermediateOptions(MethodOptions):
 
 
 def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
-    """Run ``net`` on each input as separate calls, or once on their concatenation (``fused``)."""
+    """Run ``net`` on each input as separate calls (``separate``), or once on their concatenation with
+    shared BatchNorm statistics (``fused``) or per-call statistics (``grouped``, spec 3.5).
+
+    ``grouped`` converts the network's BatchNorm2d modules to GroupedBatchNorm2d on first use, in place
+    (only the class of each module object changes, so the optimiser keeps holding the same parameters);
+    with ``torch.compile`` convert before compiling (``nets.grouped_norm.ensure_grouped_norm``).
+    """
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"methods/intermediate.py: forward mode must be one of {FORWARD_MODES}, got {mode!r}")
     if mode == "separate" or len(inputs) == 1:
         return [net(x) for x in inputs]
-    out = net(torch.cat(inputs))
-    return list(out.split([len(x) for x in inputs]))
+    sizes = [len(x) for x in inputs]
+    if mode == "fused":
+        return list(net(torch.cat(inputs)).split(sizes))
+    if not getattr(net, "_grouped_norm_ready", False):
+        ensure_grouped_norm(net)
+        net._grouped_norm_ready = True
+    with grouped_batches(net, sizes):
+        out = net(torch.cat(inputs))
+    return list(out.split(sizes))
 
 
 def style_shift(source: torch.Tensor, style: torch.Tensor, fraction: float, opts: IntermediateOptions,

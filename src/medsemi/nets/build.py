@@ -13,4 +13,14 @@ def build_model(model: ModelSection, info: DatasetInfo) -> nn.Module:
         from medsemi.nets.unet2d import UNet2D
 
         return UNet2D(info.in_channels, info.label_spec.num_outputs, base_channels=model.base_channels)
+    if model.name == "versemi_vnet":
+        from medsemi.nets.task_prompted import TaskPromptedVNet
+
+        if len(info.patch_size) != 3 or info.label_spec.num_outputs != 2:
+            raise ValueError(
+                f"model.name=versemi_vnet needs a 3D binary-per-task dataset (patch_size of 3 dims, "
+                f"2 outputs); {info.name!r} has patch_size {info.patch_size} and "
+                f"{info.label_spec.num_outputs} outputs"
+            )
+        return TaskPromptedVNet(info.in_channels, base_filters=model.base_channels)
     raise ValueError(f"unknown model.name {model.name!r}; valid: unet2d, versemi_vnet")
