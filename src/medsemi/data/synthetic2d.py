@@ -34,8 +34,9 @@ Exclusive (prostate-MRI-like):
 
 1. *BIDMC-like*: dark image with an endorectal-coil hot spot (strong local bias), moderate noise.
 2. *HK/BMC-like*: mid grey, high contrast, fine texture.
-3. *I2CVB-like*: bright, sharp and noisy (Rician-like noise), organ less contrasted against muscle.
-4. *UCL/RUNMC-like*: inverted tissue contrast -- bright fat, dark organ periphery, bright organ centre.
+3. *I2CVB-like*: bright, sharp and noisy (Rician-like noise), bright organ.
+4. *UCL/RUNMC-like*: inverted tissue contrast (gamma 0.8) -- bright fat, dark organ periphery, bright
+   organ centre, bright rectum.
 5. *low-field-like*: very blurry, low contrast, heavy noise.
 6. *gamma-compressed*: gamma 0.5, bright background, weak bias field.
 
@@ -185,8 +186,8 @@ PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
     ProstateStyle("HK/BMC-like: mid grey, high contrast, fine texture",
                   0.02, 0.45, 0.16, 0.62, 0.38, 0.08, 0.85, contrast=1.2, blur=0.4, noise=0.02,
                   texture=0.04, texture_scale=1.2, size_scale=1.05),
-    ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, organ close to muscle",
-                  0.03, 0.60, 0.42, 0.82, 0.68, 0.20, 0.95, blur=0.2, noise=0.05, rician=True,
+    ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, bright organ",
+                  0.03, 0.58, 0.42, 0.85, 0.74, 0.20, 0.95, blur=0.2, noise=0.04, rician=True,
                   texture=0.03, size_scale=0.95),
     ProstateStyle("UCL/RUNMC-like: inverted contrast, bright fat, dark organ periphery, bright centre",
                   0.0, 0.85, 0.32, 0.12, 0.45, 0.85, 0.15, gamma=0.8, blur=0.5, noise=0.025, bias=0.2,

@@ -135,6 +135,7 @@ class Trainer:
         self.student = student
         if cfg.train.compile:
             self.method.student = torch.compile(student)
+        self._broadcast_from_main()
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
@@ -263,6 +264,14 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _request_stop(self, signum: int, frame: Any) -> None:
         self._stop = True
+
+    def _broadcast_from_main(self) -> None:
+        """Every rank starts from rank 0's networks (as DDP does at construction)."""
+        if ddp.world_size() == 1:
+            return
+        with torch.no_grad():
+            for tensor in [*self.method.parameters(), *self.method.buffers()]:
+                dist.broadcast(tensor.data, src=0)
 
     def _sync_gradients(self) -> None:
         """Average gradients over ranks (works with any number of forward calls per step)."""

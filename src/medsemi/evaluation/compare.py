@@ -40,6 +40,8 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
     trainer.fit()
+    if not trainer.finished:  # interrupted (Ctrl-C / SIGTERM): the checkpoint is written, stop here
+        raise SystemExit(f"interrupted in {run_dir}; run the same command again to resume")
     return evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
 
 

@@ -107,7 +107,7 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
             return
         for g in range(groups):  # cumulative average: factors depend on the (device) counter
             self.num_batches_tracked.add_(1)
-            f = 1.0 / self.num_batches_tracked
+            f = 1.0 / self.num_batches_tracked.to(rm.dtype)
             rm.mul_(1 - f).add_(mean[g] * f)
             rv.mul_(1 - f).add_(unbiased[g] * f)
 
