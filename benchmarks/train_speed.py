@@ -114,6 +114,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "sampling and GPU augmentation, included in the time")
     p.add_argument("--no-floor", action="store_true", help="skip the model floor")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, default=-1,
+                   help="torch CPU threads; -1 (default): 1 on a CPU device (oversubscribed threads make a "
+                        "shared CPU many times slower), torch's default on CUDA; 0: torch's default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
@@ -128,12 +131,14 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         m.strip() for m in args.forward_modes.split(",") if m.strip())
     bad_modes = [m for m in modes if m not in FORWARD_MODES]
     if bad_modes:
-        raise SystemExit(f"benchmarks/train_speed.py: unknown forward mode(s) {bad_modes}; valid: {FORWARD_MODES}")
+        raise SystemExit(f"benchmarks/train_speed.py: unknown forward mode(s) {bad_modes}; "
+                         f"valid: {FORWARD_MODES}")
     out = []
     for item in (s.strip() for s in args.methods.split(",") if s.strip()):
         name, _, mode = item.partition(":")
         if name not in known:
-            raise SystemExit(f"benchmarks/train_speed.py: unknown method {name!r}; available: {', '.join(known)}")
+            raise SystemExit(f"benchmarks/train_speed.py: unknown method {name!r}; "
+                             f"available: {', '.join(known)}")
         if mode and (name not in MODE_METHODS or mode not in FORWARD_MODES):
             raise SystemExit(f"benchmarks/train_speed.py: {item!r}: forward modes exist only for "
                              f"{MODE_METHODS}, one of {FORWARD_MODES}")
@@ -352,7 +357,6 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
             fsec = time_loop(lambda i: floor(), args.iters, args.warmup, device)
             res.floor_ms_per_iter, res.floor_it_per_s = 1000 * fsec, 1.0 / fsec
             res.ratio_to_floor = sec / fsec
-        del trainer
     return res
 
 
@@ -392,6 +396,18 @@ def main(argv: list[str] | None = None) -> dict:
     if not kinds or any(k not in KINDS for k in kinds):
         raise SystemExit(f"benchmarks/train_speed.py: --kinds must be a comma list of {KINDS}")
     device = resolve_device(args.device)
+    threads = (1 if device.type == "cpu" else 0) if args.threads < 0 else args.threads
+    previous_threads = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> dict:
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     amp = resolve_amp(args.amp, device)
     todo = variants(args)
     splits_cache: dict = {}
@@ -418,11 +434,13 @@ def main(argv: list[str] | None = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "settings": vars(args) | {"amp_resolved": amp, "kinds": kinds, "device_resolved": str(device)},
+        "settings": vars(args) | {"amp_resolved": amp, "kinds": kinds, "device_resolved": str(device),
+                                  "torch_threads": torch.get_num_threads()},
         "results": results,
     }
     print(f"\n{report['device']} | torch {report['torch']} | size {args.size} b={args.base_channels} "
-          f"B={args.batch} amp={amp} channels_last={args.channels_last} compile={args.compile} data={args.data}")
+          f"B={args.batch} amp={amp} channels_last={args.channels_last} compile={args.compile} "
+          f"data={args.data}")
     print(format_table(results))
     if args.out:
         out = Path(args.out)

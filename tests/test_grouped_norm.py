@@ -35,7 +35,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("sizes", [[3, 3, 3], [2, 2, 2, 2, 2], [4, 1, 3], [2, 5, 1, 3, 2]])
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_layer_matches_sequential_batchnorm(sizes, momentum):
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_layer_matches_sequential_batchnorm(sizes, momentum, vectorise):
     torch.manual_seed(0)
     ref = nn.BatchNorm2d(5, momentum=momentum).double()
     with torch.no_grad():
@@ -47,6 +48,7 @@ def test_layer_matches_sequential_batchnorm(sizes, momentum):
     grouped = copy.deepcopy(ref)
     ensure_grouped_norm(grouped)
     assert type(grouped) is GroupedBatchNorm2d
+    grouped.vectorise_equal = vectorise
     x = torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + 1
     x_ref, x_grp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     cot = torch.randn_like(x)
@@ -64,9 +66,11 @@ def test_layer_matches_sequential_batchnorm(sizes, momentum):
     assert int(grouped.num_batches_tracked) == 3 + len(sizes)
 
 
-def test_running_var_uses_unbiased_group_variance():
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_running_var_uses_unbiased_group_variance(vectorise):
     """Hand-computed check, independent of nn.BatchNorm2d: one update per group, unbiased variance."""
     bn = GroupedBatchNorm2d(1, momentum=0.5).double()
+    bn.vectorise_equal = vectorise
     x = torch.tensor([1.0, 3.0, 10.0, 14.0], dtype=torch.float64).view(4, 1, 1, 1)
     with grouped_batches(bn, [2, 2]):
         y = bn(x)
@@ -117,8 +121,10 @@ def test_ensure_grouped_norm_keeps_parameter_objects():
     assert ensure_grouped_norm(net) == 0
 
 
-@pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 3, 3, 3], [4, 4, 4, 4, 1], [2, 4, 3]])
-def test_unet_grouped_forward_equals_separate_calls(sizes):
+@pytest.mark.parametrize("sizes,vectorise", [([4, 4, 4], False), ([4, 4, 4], True), ([3, 3, 3, 3], True),
+                                            ([4, 4, 4, 4, 1], False), ([2, 4, 3], False)])
+def test_unet_grouped_forward_equals_separate_calls(sizes, vectorise, monkeypatch):
+    monkeypatch.setattr(GroupedBatchNorm2d, "vectorise_equal", vectorise)
     torch.manual_seed(2)
     ref = UNet2D(3, 2, 4).double().train()
     grouped = copy.deepcopy(ref)
@@ -181,7 +187,8 @@ def test_method_step_grouped_equals_separate(method_cls, options, kind):
                 out = method.train_step({"image": x_l, "label": y_l}, {"image": u_w, "strong": u_w * 0.9},
                                         Progress(it, 10, epoch_length=5))
                 out.loss.backward()
-                steps.append((out, _grads(method.student), _buffers(method), copy.deepcopy(method.state_dict())))
+                state = copy.deepcopy(method.state_dict())
+                steps.append((out, _grads(method.student), _buffers(method), state))
             results[mode] = steps
         for (o_s, g_s, b_s, st_s), (o_g, g_g, b_g, st_g) in zip(results["separate"], results["grouped"]):
             torch.testing.assert_close(o_g.loss, o_s.loss, **TOL)

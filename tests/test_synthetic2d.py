@@ -90,7 +90,7 @@ def test_exclusive_has_a_few_percent_empty_slices() -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_domains_differ_in_appearance_not_in_labels(kind: str) -> None:
-    cfg = SyntheticConfig(kind=kind, size=48, train_per_domain=48, seed=0)
+    cfg = SyntheticConfig(kind=kind, size=32, train_per_domain=12 * SLICES_PER_CASE, seed=0)
     stats, fg = [], []
     for d in range(cfg.num_domains):
         ds = generate_domain(cfg, d, "train")
@@ -102,15 +102,16 @@ def test_domains_differ_in_appearance_not_in_labels(kind: str) -> None:
         for j in range(i + 1, cfg.num_domains):
             gap = (stats[i] - stats[j]).abs().max().item()
             assert gap > 0.08, f"domains {i + 1} and {j + 1} look alike (max stat gap {gap:.3f})"
-    # label statistics: the foreground fraction stays within a factor 1.6 across domains
-    assert max(fg) / min(fg) < 1.6, fg
+    # label statistics: the foreground fraction stays within a factor 1.5 across domains
+    assert max(fg) / min(fg) < 1.5, fg
 
 
 # ------------------------------------------------------------------------------------------ splits
 
 
 def test_split_rule_counts_and_order() -> None:
-    cfg = SyntheticConfig(kind="multilabel", size=32, train_per_domain=(6, 9, 4, 5), test_per_domain=3, seed=2)
+    cfg = SyntheticConfig(kind="multilabel", size=32, train_per_domain=(6, 9, 4, 5), test_per_domain=3,
+                          seed=2)
     splits = build_synthetic_splits(cfg, lb_domain=2, lb_num=4)
     trains = [generate_domain(cfg, d, "train") for d in range(4)]
     assert splits.summary() == {"labelled": 4, "unlabelled": 24 - 4,
@@ -132,7 +133,7 @@ def test_split_validation_fraction_partitions_the_unlabelled_images() -> None:
     cfg = SyntheticConfig(kind="exclusive", size=32, train_per_domain=10, test_per_domain=2, seed=0)
     splits = build_synthetic_splits(cfg, lb_domain=1, lb_num=2, val_fraction=0.5, split_seed=7)
     val_names = [n for v in splits.validation.values() for n in v.names]
-    assert len(val_names) == 4 + 4 * 5
+    assert len(val_names) == 4 + 3 * 5  # half of 8 left in the labelled domain, half of 10 elsewhere
     all_names = list(splits.labelled.names) + list(splits.unlabelled.names) + val_names
     assert sorted(all_names) == sorted(n for d in range(4) for n in generate_domain(cfg, d, "train").names)
     assert not set(val_names) & set(splits.labelled.names)
@@ -238,6 +239,7 @@ def _train_and_score(cfg: SyntheticConfig, train_domains: list[int], steps: int)
     torch.manual_seed(cfg.seed)
     net = UNet2D(x.shape[1], 2, base_channels=8)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(steps):
         idx = torch.randint(len(x), (8,), generator=gen)
@@ -245,6 +247,7 @@ def _train_and_score(cfg: SyntheticConfig, train_domains: list[int], steps: int)
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
     net.eval()
     with torch.no_grad():
         return [_dice(cfg.kind, net(t.images), t.labels)
@@ -255,7 +258,8 @@ def _train_and_score(cfg: SyntheticConfig, train_domains: list[int], steps: int)
 @pytest.mark.parametrize("kind,steps", [("multilabel", 150), ("exclusive", 200)])
 def test_real_domain_shift(kind: str, steps: int) -> None:
     """Trained on domain 1 only: good on domain 1, clearly worse elsewhere. Trained on all domains: good
-    everywhere -- so the gap is a domain shift, not noise (held on seeds 0, 1, 2 when the styles were tuned)."""
+    everywhere -- so the gap is a domain shift, not noise (held on seeds 0, 1, 2 when the styles were
+    tuned)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -167,7 +167,9 @@ class VerSemiSplits:
         if not needs:
             return labelled, None
         if not self.unlabelled_volumes:
-            raise ConfigError(f"{self.source}: the method uses unlabelled data but the unlabelled list is empty")
+            raise ConfigError(
+                f"{self.source}: the method uses unlabelled data but the unlabelled list is empty"
+            )
         unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
                               image_dtype=dtype)
         unlabelled = CropSource(CropSampler(
@@ -286,11 +288,15 @@ def _options(cfg: Config) -> dict[str, Any]:
         raise ConfigError(f"data.options.selection must be 'mean' or a task name "
                           f"{list(TASK_NAMES.values())}, got {opts['selection']!r}")
     if opts["metric_policy"] not in ("versemi", "config"):
-        raise ConfigError(f"data.options.metric_policy must be versemi or config, got {opts['metric_policy']!r}")
+        raise ConfigError(
+            f"data.options.metric_policy must be versemi or config, got {opts['metric_policy']!r}"
+        )
     if opts["bank_device"] not in ("train", "cpu"):
         raise ConfigError(f"data.options.bank_device must be train or cpu, got {opts['bank_device']!r}")
     if opts["image_dtype"] not in _DTYPES:
-        raise ConfigError(f"data.options.image_dtype must be one of {list(_DTYPES)}, got {opts['image_dtype']!r}")
+        raise ConfigError(
+            f"data.options.image_dtype must be one of {list(_DTYPES)}, got {opts['image_dtype']!r}"
+        )
     if int(opts["repeats"]) < 1:
         raise ConfigError(f"data.options.repeats must be >= 1, got {opts['repeats']!r}")
     bad = sorted(set(opts["synthetic"] or {}) - _SYNTHETIC_KEYS)
@@ -317,8 +323,8 @@ def _synthetic_config(opts: dict[str, Any]) -> tuple[Any, float]:
 
 def _split_from_lists(lists: dict[str, list[str]], ratio: int, source: str) -> VerSemiSplit:
     test = {t: tuple(lists[Path(f).stem]) for t, f in TEST_LISTS.items()}
-    split = VerSemiSplit(ratio, tuple(lists[f"train_lab_{ratio}"]), tuple(lists[f"train_unlab_{ratio}"]), test,
-                         source)
+    lab, unl = tuple(lists[f"train_lab_{ratio}"]), tuple(lists[f"train_unlab_{ratio}"])
+    split = VerSemiSplit(ratio, lab, unl, test, source)
     problems = split.validate()
     if problems:
         raise ValueError("invalid VerSemi split:\n  " + "\n  ".join(problems))
@@ -331,7 +337,11 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
     opts = _options(cfg)
     ratio = opts["ratio"]
     if data.format == "synthetic3d":
-        from medsemi.data.synthetic3d import generate_synthetic_volumes, synthetic_lists, write_synthetic_dataset
+        from medsemi.data.synthetic3d import (
+            generate_synthetic_volumes,
+            synthetic_lists,
+            write_synthetic_dataset,
+        )
 
         syn, test_fraction = _synthetic_config(opts)
         if data.root:  # cache folder: write once, then read back like real data
@@ -360,7 +370,9 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
         source = str(root)
         name = "versemi"
     else:
-        raise ConfigError(f"build_versemi_splits: data.format must be versemi or synthetic3d, got {data.format!r}")
+        raise ConfigError(
+            f"build_versemi_splits: data.format must be versemi or synthetic3d, got {data.format!r}"
+        )
 
     def load(names: tuple[str, ...], with_label: bool = True) -> list[Volume]:
         if volumes is not None:
@@ -390,7 +402,7 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
 
 
 def _preprocessing_extra(name: str) -> dict[str, Any]:
-    """Per-task intensity/spacing recipe that ``predict3d`` applies to raw NIfTI inputs (none for synthetic)."""
+    """Per-task intensity/spacing recipe that ``predict3d`` applies to raw NIfTI inputs (none: synthetic)."""
     if name != "versemi":
         return {}
     from medsemi.data.prepare3d import RECIPES, Recipe

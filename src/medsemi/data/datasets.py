@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -43,7 +44,7 @@ class TensorDataset2D(Dataset):
             sample["label"] = self.labels[i]
         return sample
 
-    def subset(self, indices: Sequence[int]) -> "TensorDataset2D":
+    def subset(self, indices: Sequence[int]) -> TensorDataset2D:
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         labels = None if self.labels is None else self.labels[idx]
         return TensorDataset2D(self.images[idx], labels, self.domains[idx], [self.names[i] for i in idx])

@@ -85,7 +85,8 @@ class SyntheticConfig:
         if not isinstance(self.num_domains, int) or self.num_domains < 1:
             raise ValueError(f"synthetic2d: num_domains must be a positive int, got {self.num_domains!r}")
         if not isinstance(self.size, int) or not 16 <= self.size <= 1024:
-            raise ValueError(f"synthetic2d: size must be an int in [16, 1024] (64-384 intended), got {self.size!r}")
+            raise ValueError(f"synthetic2d: size must be an int in [16, 1024] (64-384 intended), "
+                             f"got {self.size!r}")
         counts = self.train_counts()
         if any((not isinstance(c, int)) or c < 0 for c in counts) or self.test_per_domain < 0:
             raise ValueError(f"synthetic2d: image counts must be non-negative ints, got train "
@@ -118,7 +119,8 @@ class FundusStyle:
     disc: tuple[float, float, float]
     cup: tuple[float, float, float]
     vessel: tuple[float, float, float]
-    mix: tuple[tuple[float, float, float], ...] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))  # out_c = sum mix[c][k] in_k
+    # channel mixing: out_c = sum_k mix[c][k] * in_k
+    mix: tuple[tuple[float, float, float], ...] = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
     gamma: float = 1.0
     contrast: float = 1.0
     blur: float = 0.5  # Gaussian sigma in pixels at 64 px (scaled with the size)
@@ -161,16 +163,16 @@ FUNDUS_STYLES: tuple[FundusStyle, ...] = (
     FundusStyle("RIM-ONE-like: dark red, gamma 1.2, blotchy red texture, blurrier, smaller discs",
                 (0.40, 0.10, 0.05), (0.72, 0.36, 0.20), (0.90, 0.60, 0.42), (0.26, 0.04, 0.02),
                 gamma=1.2, blur=0.9, noise=0.015, bias=0.15, texture=0.06,
-                texture_scale=5.0, size_scale=0.9),
+                texture_scale=5.0, size_scale=0.95),
     FundusStyle("REFUGE/Zeiss-like: olive-green mix, circular field of view, strong illumination field",
                 (0.50, 0.34, 0.12), (0.90, 0.78, 0.40), (0.98, 0.92, 0.62), (0.36, 0.14, 0.05),
                 mix=((0.55, 0.40, 0.05), (0.25, 0.70, 0.05), (0.05, 0.20, 0.75)),
-                blur=0.7, noise=0.015, bias=0.35, texture=0.04, fov=True, size_scale=0.85),
+                blur=0.7, noise=0.015, bias=0.35, texture=0.04, fov=True, size_scale=0.9),
     FundusStyle("REFUGE/Canon-like: pale pink, washed out, sharp with strong sensor noise",
                 (0.80, 0.45, 0.36), (0.96, 0.80, 0.66), (1.0, 0.93, 0.86), (0.62, 0.20, 0.16),
                 mix=((0.85, 0.10, 0.05), (0.20, 0.70, 0.10), (0.20, 0.20, 0.60)),
                 gamma=0.8, blur=0.2, noise=0.035, bias=0.10, texture=0.03,
-                texture_scale=1.5, size_scale=0.9),
+                texture_scale=1.5, size_scale=0.95),
     FundusStyle("red-free-like: grey (green channel everywhere), high contrast",
                 (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
                 mix=((0, 1, 0), (0, 1, 0), (0, 1, 0)), contrast=1.4, blur=0.5, noise=0.02),
@@ -185,10 +187,10 @@ PROSTATE_STYLES: tuple[ProstateStyle, ...] = (
                   bias=0.15, texture=0.03),
     ProstateStyle("HK/BMC-like: mid grey, high contrast, fine texture",
                   0.02, 0.45, 0.16, 0.62, 0.38, 0.08, 0.85, contrast=1.2, blur=0.4, noise=0.02,
-                  texture=0.04, texture_scale=1.2, size_scale=1.05),
+                  texture=0.04, texture_scale=1.2, size_scale=1.03),
     ProstateStyle("I2CVB-like: bright, sharp, Rician-like noise, bright organ",
                   0.03, 0.58, 0.42, 0.85, 0.74, 0.20, 0.95, blur=0.2, noise=0.04, rician=True,
-                  texture=0.03, size_scale=0.95),
+                  texture=0.03, size_scale=0.97),
     ProstateStyle("UCL/RUNMC-like: inverted contrast, bright fat, dark organ periphery, bright centre",
                   0.0, 0.85, 0.32, 0.12, 0.45, 0.85, 0.15, gamma=0.8, blur=0.5, noise=0.025, bias=0.2,
                   texture=0.04),
@@ -306,7 +308,8 @@ def _finish(img: Tensor, blur_px: float, noise: np.ndarray, noise_level: float, 
     img = _gaussian_blur(img, blur_px)
     nz = torch.from_numpy(noise).view(img.shape)
     if rician is not None:
-        img = torch.sqrt((img + noise_level * nz) ** 2 + (noise_level * torch.from_numpy(rician).view(img.shape)) ** 2)
+        nz2 = torch.from_numpy(rician).view(img.shape)
+        img = torch.sqrt((img + noise_level * nz) ** 2 + (noise_level * nz2) ** 2)
     else:
         img = img + noise_level * nz
     return torch.round(img.clamp(0.0, 1.0) * 255.0).to(torch.uint8).numpy()
@@ -434,7 +437,8 @@ def _prostate_params(cfg: SyntheticConfig, domain: int, split: str, n: int) -> d
                 "phase": crng.uniform(0, 2 * math.pi, 3),
                 "extent": crng.uniform(0.85, 1.15),  # how far the organ reaches towards the case ends
                 "body": np.array([crng.uniform(0.36, 0.42), crng.uniform(0.44, 0.49)]),
-                "muscle": np.array([crng.uniform(0.2, 0.26), crng.uniform(0.07, 0.1), crng.uniform(0.1, 0.16)]),
+                "muscle": np.array([crng.uniform(0.2, 0.26), crng.uniform(0.07, 0.1),
+                                    crng.uniform(0.1, 0.16)]),
             }
         rng = np.random.default_rng((cfg.seed, 1, domain, SPLITS.index(split), case, t + 1))
         # slice position in (-1, 1); the organ radius follows a rounded profile, zero near the case ends
@@ -478,7 +482,8 @@ def _render_prostate(cfg: SyntheticConfig, domain: int, split: str, n: int) -> t
     rho = _blob_radius(y, x, cy, cx, ry, r_safe, _col(p["rot"]), p["harm"], p["phase"])
     label = ((rho <= 1.0) & (r > 0)).to(torch.int64).numpy()
 
-    def ellipse(ey: Tensor | float, ex: Tensor | float, ary: Tensor, arx: Tensor, edge: float = 1.0) -> Tensor:
+    def ellipse(ey: Tensor | float, ex: Tensor | float, ary: Tensor, arx: Tensor,
+                edge: float = 1.0) -> Tensor:
         rr = torch.sqrt(((y - ey) / ary) ** 2 + ((x - ex) / arx) ** 2)
         return torch.sigmoid((1.0 - rr) * torch.minimum(ary, arx) / (edge * px))
 
@@ -486,7 +491,8 @@ def _render_prostate(cfg: SyntheticConfig, domain: int, split: str, n: int) -> t
     mr, mw, mo = (_col(p["muscle"][:, k]) for k in range(3))
     muscles = torch.maximum(ellipse(cy + 0.02, cx - mr, mo, mw), ellipse(cy + 0.02, cx + mr, mo, mw))
     # a gluteal band at the back of the body
-    muscles = torch.maximum(muscles, ellipse(0.83, 0.5, torch.full((n, 1, 1), 0.05), torch.full((n, 1, 1), 0.3)))
+    band = ellipse(0.83, 0.5, torch.full((n, 1, 1), 0.05), torch.full((n, 1, 1), 0.3))
+    muscles = torch.maximum(muscles, band)
     rr_ = _col(p["rectum"])
     rectum_y = cy + torch.where(r > 0, ry, torch.full_like(ry, 0.08)) + rr_ * 0.9
     rectum = ellipse(rectum_y, cx, rr_, rr_ * 1.3)
@@ -534,7 +540,8 @@ def synthetic_info(cfg: SyntheticConfig) -> DatasetInfo:
 
 def _check_domain_split(cfg: SyntheticConfig, domain: int, split: str) -> None:
     if not isinstance(domain, (int, np.integer)) or not 0 <= domain < cfg.num_domains:
-        raise ValueError(f"synthetic2d: domain must be a 0-based index in [0, {cfg.num_domains}), got {domain!r}")
+        raise ValueError(f"synthetic2d: domain must be a 0-based index in [0, {cfg.num_domains}), "
+                         f"got {domain!r}")
     if split not in SPLITS:
         raise ValueError(f"synthetic2d: split must be one of {SPLITS}, got {split!r}")
 
@@ -592,7 +599,8 @@ def build_synthetic_splits(cfg: SyntheticConfig, lb_domain: int, lb_num: int, va
     training images is moved to ``validation[domain name]``.
     """
     if not 1 <= lb_domain <= cfg.num_domains:
-        raise ValueError(f"synthetic2d: lb_domain is 1-based and must be in [1, {cfg.num_domains}], got {lb_domain}")
+        raise ValueError(f"synthetic2d: lb_domain is 1-based and must be in [1, {cfg.num_domains}], "
+                         f"got {lb_domain}")
     n_lb_domain = cfg.train_counts()[lb_domain - 1]
     if not 1 <= lb_num <= n_lb_domain:
         raise ValueError(f"synthetic2d: lb_num must be in [1, {n_lb_domain}] (training images of domain "

@@ -11,7 +11,7 @@ def poly_lr(base_lr: float, step: int, max_steps: int, power: float = 0.9) -> fl
     The original sets the LR after the optimiser step, so steps 0 and 1 both use ``base``;
     the engine reproduces this by calling ``poly_lr(base, k)`` for the step *after* ``k``.
     """
-    return base_lr * (1.0 - step / max_steps) ** power
+    return base_lr * max(0.0, 1.0 - step / max_steps) ** power
 
 
 def ema_alpha(step: int, decay: float = 0.99) -> float:

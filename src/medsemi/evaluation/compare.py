@@ -29,14 +29,32 @@ def find_config(path: str | Path) -> Path:
     raise FileNotFoundError(f"config not found: {path}")
 
 
+def method_overrides(method: str) -> list[str]:
+    """Overrides for a method entry of ``--methods``: a registered name, or a *variant*
+    ``name:key=value[:key=value...]`` (e.g. ``versemi:pipeline=released_main``) that sets
+    ``method.<key>`` options on top of the config."""
+    name, *options = method.split(":")
+    if not name:
+        raise ValueError(f"--methods entry {method!r} has no method name")
+    bad = [o for o in options if "=" not in o or not o.split("=", 1)[0]]
+    if bad:
+        raise ValueError(f"--methods entry {method!r}: options must look like key=value, got {bad}")
+    return [f"method.name={name}", *(f"method.{o}" for o in options)]
+
+
+def run_label(method: str) -> str:
+    """A file-name-safe label for a method entry (variants keep their options readable)."""
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
+
+
 def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
     from medsemi.engine.trainer import Trainer
     from medsemi.evaluation.report import evaluate_run
 
     if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
         return json.loads((run_dir / "eval.json").read_text())
-    cfg = load_config(config, [*overrides, f"method.name={method}", f"seed={seed}"])
-    cfg.name = f"{cfg.name}-{method}-s{seed}"
+    cfg = load_config(config, [*overrides, *method_overrides(method), f"seed={seed}"])
+    cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
     trainer.fit()
@@ -81,11 +99,12 @@ def _cell(rows: list[dict], method: str, scope: str, metric: str) -> str:
     return " / ".join(f"{r['mean']:.3f}±{r['sd']:.3f}" if not math.isnan(r["mean"]) else "—" for r in sel)
 
 
-def render_markdown(rows: list[dict], methods: list[str], protocol: str, lb_domain: int) -> str:
+def render_markdown(rows: list[dict], methods: list[str], protocol: str, setting: str) -> str:
     scopes = list(dict.fromkeys(r["scope"] for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
-    lines = [f"### {protocol} (labelled domain {lb_domain}; cells: {' / '.join(classes)}, mean±sd over seeds)", ""]
-    lines.append("| method | " + " | ".join(f"Dice {s}" for s in scopes) + " | Jaccard macro | HD95 macro | ASD macro |")
+    lines = [f"### {protocol} ({setting}; cells: {' / '.join(classes)}, mean±sd over seeds)", ""]
+    header = " | ".join(f"Dice {s}" for s in scopes)
+    lines.append(f"| method | {header} | Jaccard macro | HD95 macro | ASD macro |")
     lines.append("|---" * (len(scopes) + 4) + "|")
     for m in methods:
         cells = [_cell(rows, m, s, "dice") for s in scopes]
@@ -131,15 +150,17 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for method in methods:
         for seed in range(seeds):
-            run_dir = out / f"{method}-seed{seed}"
+            run_dir = out / f"{run_label(method)}-seed{seed}"
             results[method].append(train_and_evaluate(config, method, base.seed + seed, run_dir, overrides))
     rows = []
+    per_task = base.data.format in ("versemi", "synthetic3d")
+    setting = "one network for all tasks" if per_task else f"labelled domain {base.data.lb_domain}"
     parts = [f"# Comparison: {config.name} ({', '.join(overrides) or 'no overrides'}), {seeds} seed(s)", ""]
     for protocol in ("best_test", "best_val", "last_student", "last_teacher"):
         prot_rows = summarise(results, protocol)
         if prot_rows:
             rows += prot_rows
-            parts += [render_markdown(prot_rows, methods, protocol, base.data.lb_domain), ""]
+            parts += [render_markdown(prot_rows, methods, protocol, setting), ""]
     (out / "comparison.md").write_text("\n".join(parts))
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -55,7 +55,8 @@ def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[tor
     with ``torch.compile`` convert before compiling (``nets.grouped_norm.ensure_grouped_norm``).
     """
     if mode not in FORWARD_MODES:
-        raise ValueError(f"methods/intermediate.py: forward mode must be one of {FORWARD_MODES}, got {mode!r}")
+        raise ValueError(f"methods/intermediate.py: forward mode must be one of {FORWARD_MODES}, "
+                         f"got {mode!r}")
     if mode == "separate" or len(inputs) == 1:
         return [net(x) for x in inputs]
     sizes = [len(x) for x in inputs]
@@ -120,5 +121,6 @@ def total_loss(
     return terms["loss_sup"] + w * unsup
 
 
-def seg(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, spec: LabelSpec) -> torch.Tensor:
+def seg(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
+        spec: LabelSpec) -> torch.Tensor:
     return seg_loss(logits, target, weight, spec)[0]

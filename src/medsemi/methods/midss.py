@@ -53,14 +53,15 @@ class MiDSS(Method):
         y0, k0, y_f, k_s = teacher_targets(self.teacher, u_w, source, box, spec, o)
         # 6. UCP inputs and targets
         (x_ul, y_ul, k_ul), (x_lu, y_lu, k_lu) = ucp_pairs(u_s, shifted, src_y, torch.ones_like(k0), y0, k0, box)
-        # 7. student forwards (separate calls unless forward_mode=fused); UCP off: no mixed inputs
-        calls = [x_l, u_s, x_ul, x_lu] if o.ucp else [x_l, u_s]
+        # 7. student forwards in the original order S(x_l), S(x_ul), S(x_lu), S(u_s) (the order sets the
+        # BatchNorm running statistics); separate calls unless forward_mode says otherwise
+        calls = [x_l, x_ul, x_lu, u_s] if o.ucp else [x_l, u_s]
         z = run_calls(self.student, calls, o.forward_mode)
         # 8. losses
-        terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z[1], y_f, k_s, spec)}
+        terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z[-1], y_f, k_s, spec)}
         if o.ucp:
-            terms["loss_ul"] = seg(z[2], y_ul, k_ul, spec)
-            terms["loss_lu"] = seg(z[3], y_lu, k_lu, spec)
+            terms["loss_ul"] = seg(z[1], y_ul, k_ul, spec)
+            terms["loss_lu"] = seg(z[2], y_lu, k_lu, spec)
         # 9. L = L_sup + w (L_ul + L_lu + w L_s)
         w = consistency_weight(progress.iteration, progress.max_iterations, o.ramp_epochs)
         loss = total_loss(terms, w, o)

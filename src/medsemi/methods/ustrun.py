@@ -123,9 +123,10 @@ class USTRUN(Method):
         # an intermediate sample of the UCP term, so it needs UCP
         has_lq = o.ucp and o.lq_mode != "off" and progress.iteration % progress.epoch_length != 0
         lq = self._lq_mix(x_l, y_l) if has_lq else None
-        # 7. student forwards
-        calls = [x_l, u_s] + ([x_ul, x_lu] if o.ucp else []) + ([lq[0]] if lq is not None else [])
+        # 7. student forwards in the original order: S(x_l), S(x_ul), S(x_lu), S(u_s), then S(x_lq)
+        calls = [x_l] + ([x_ul, x_lu] if o.ucp else []) + [u_s] + ([lq[0]] if lq is not None else [])
         z = run_calls(self.student, calls, o.forward_mode)
+        z_s = z[3] if o.ucp else z[1]
         # 8. hardness = 1 - mean smoothed Dice(student, teacher); forced to 1 in the first epoch
         h = hardness(y_hat, y0, spec, o.hardness_empty_rule, o.hardness_ignore_absent)  # float64 as the original
         if progress.epoch < o.warmup_hardness_epochs:
@@ -139,14 +140,14 @@ class USTRUN(Method):
         theta_before = self.queue.theta.clone()
         reliable = self.queue.update(u_w, y0, k0, h) if o.queue else torch.zeros_like(h, dtype=torch.bool)
         # 12. losses; with lq_mode=loss the LQ output joins L_ul (one CE mean, one batch Dice over 5)
-        terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z[1], y_f, k_s, spec)}
+        terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z_s, y_f, k_s, spec)}
         if o.ucp:
-            z_ul, t_ul, w_ul = z[2], y_ul, k_ul
+            z_ul, t_ul, w_ul = z[1], y_ul, k_ul
             if lq is not None and o.lq_mode == "loss":
                 z_ul = torch.cat([z_ul, z[-1]])
                 t_ul, w_ul = torch.cat([y_ul, lq[1]]), torch.cat([k_ul, lq[2]])
             terms["loss_ul"] = seg(z_ul, t_ul, w_ul, spec)
-            terms["loss_lu"] = seg(z[3], y_lu, k_lu, spec)
+            terms["loss_lu"] = seg(z[2], y_lu, k_lu, spec)
         w = consistency_weight(progress.iteration, progress.max_iterations, o.ramp_epochs)
         loss = total_loss(terms, w, o)
         logs = {k: v.detach() for k, v in terms.items()}

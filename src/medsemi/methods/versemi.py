@@ -117,7 +117,7 @@ def random_box_mask(
 
 
 def _load_init(student: nn.Module, path: str) -> None:
-    """Start from a saved model: a ``best_*.pt`` (``model``) or a ``last.pt`` (``method`` -> ``student.*``)."""
+    """Start from a saved model: ``best_*.pt`` (``model``) or ``last.pt`` (``method`` -> ``student.*``)."""
     from medsemi.engine.checkpoint import load_checkpoint
 
     state = load_checkpoint(path, map_location="cpu")
@@ -206,7 +206,7 @@ class VerSemi(Method):
         if stage == "stage1":
             return self._stage1(x, y, t)
         if unlabelled is None:
-            raise ValueError("VerSemi stage 2 needs an unlabelled batch (method.pipeline uses unlabelled data)")
+            raise ValueError("VerSemi stage 2 needs an unlabelled batch (this pipeline uses unlabelled data)")
         return self._stage2(x, y, t, unlabelled["image"], progress)
 
     def _supervised(self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor) -> StepOutput:

@@ -30,11 +30,18 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with optional per-sub-batch statistics.
 
     ``group_sizes`` (``None`` or a tuple of positive ints summing to the batch size) is a plain attribute,
-    set by :func:`grouped_batches`; it is not part of the state dict. Equal sizes use a vectorised
-    ``(G, n, C, H, W)`` computation; unequal sizes loop over the (few) groups with ``F.batch_norm``.
+    set by :func:`grouped_batches`; it is not part of the state dict.
+
+    Two equivalent computations: by default a loop over the (few) groups with the native
+    ``F.batch_norm`` kernel, which updates the running buffers in order exactly as the separate calls;
+    with ``vectorise_equal = True`` (class or instance attribute) equal sizes use one
+    ``(G, n, C, H, W)`` statistics pass and a closed-form running update. The loop is the default
+    because it measured ~4x faster forward+backward on a CPU (one native kernel per group versus
+    several unfused elementwise ops); the vectorised form may pay off under ``torch.compile``.
     """
 
     group_sizes: tuple[int, ...] | None = None  # class default, so a swapped-in module needs no __init__
+    vectorise_equal: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sizes = self.group_sizes
@@ -45,7 +52,7 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"{_HERE}: group sizes {list(sizes)} sum to {sum(sizes)}, "
                              f"but the batch has {x.shape[0]} samples")
-        if all(s == sizes[0] for s in sizes):
+        if self.vectorise_equal and all(s == sizes[0] for s in sizes):
             return self._forward_equal(x, len(sizes))
         return self._forward_loop(x, sizes)
 

@@ -1,0 +1,64 @@
+"""benchmarks/train_speed.py: a tiny run through its main(), JSON layout and recorded network calls."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    if "medsemi_bench_train_speed" in sys.modules:
+        return sys.modules["medsemi_bench_train_speed"]
+    spec = importlib.util.spec_from_file_location("medsemi_bench_train_speed",
+                                                  REPO / "benchmarks" / "train_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_speed_tiny_run(tmp_path):
+    ts = _load()
+    out = tmp_path / "bench.json"
+    b = 2
+    report = ts.main(["--size", "32", "--base-channels", "4", "--batch", str(b), "--iters", "1",
+                      "--warmup", "0", "--methods", "supervised,ustrun:grouped", "--kinds", "multilabel",
+                      "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {"device", "device_type", "torch", "cuda", "python", "settings", "results"} <= set(saved)
+    assert saved["device_type"] == "cpu"
+    settings = saved["settings"]
+    assert settings["size"] == 32 and settings["base_channels"] == 4 and settings["batch"] == b
+    assert settings["amp_resolved"] == "off" and settings["kinds"] == ["multilabel"]
+    results = saved["results"]
+    assert [r["variant"] for r in results] == ["supervised", "ustrun[grouped]"]
+    for r in results:
+        assert r["error"] is None, r["error"]
+        assert r["ms_per_iter"] > 0 and r["floor_ms_per_iter"] > 0
+        assert r["it_per_s"] == pytest.approx(1000 / r["ms_per_iter"])
+        assert r["ratio_to_floor"] == pytest.approx(r["ms_per_iter"] / r["floor_ms_per_iter"])
+        assert r["sync_free"] is None  # only checked on CUDA
+    calls = [(c["role"], c["shape"][0], c["grad"]) for c in results[0]["calls"]]
+    assert calls == [("student", b, True)]
+    # UST-RUN, grouped: the 3 teacher calls fused (no grad), the hardness call, and the 4 student calls
+    # plus the unreliable sample fused (spec ust-run.md 4.3)
+    calls = [(c["role"], c["shape"][0], c["grad"]) for c in results[1]["calls"]]
+    assert calls == [("teacher", 3 * b, False), ("student", b, False), ("student", 4 * b + 1, True)]
+    assert results[1]["calls"][0]["shape"] == [3 * b, 3, 32, 32]
+
+
+def test_variants_expand_forward_modes():
+    ts = _load()
+    from medsemi.methods.intermediate import FORWARD_MODES
+
+    labels = [v.label for v in ts.variants(ts.parse_args(["--methods", "bcp,midss"]))]
+    assert labels == ["bcp"] + [f"midss[{m}]" for m in FORWARD_MODES]
+    with pytest.raises(SystemExit, match="unknown method"):
+        ts.variants(ts.parse_args(["--methods", "nope"]))
+    with pytest.raises(SystemExit, match="forward modes exist only"):
+        ts.variants(ts.parse_args(["--methods", "supervised:fused"]))
