@@ -62,3 +62,16 @@ def test_variants_expand_forward_modes():
         ts.variants(ts.parse_args(["--methods", "nope"]))
     with pytest.raises(SystemExit, match="forward modes exist only"):
         ts.variants(ts.parse_args(["--methods", "supervised:fused"]))
+
+
+def test_versemi_speed_tiny_run(tmp_path):
+    spec = importlib.util.spec_from_file_location("medsemi_bench_versemi_speed",
+                                                  REPO / "benchmarks" / "versemi_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "v.json"
+    result = module.main(["--size", "32", "--base-filters", "2", "--batch", "1", "--queries", "3",
+                          "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["ms_shared"] > 0 and saved["ms_naive"] > 0
+    assert saved["speedup"] == pytest.approx(result["ms_naive"] / result["ms_shared"])
