@@ -69,3 +69,13 @@ def test_synth_train_evaluate_predict_score(tmp_path, tiny_overrides, capsys):
     assert main(["score", str(out), str(gt), "--format", "fundus", "--out", str(tmp_path / "scores")]) == 0
     scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert "cup" in json.dumps(scores) and "disc" in json.dumps(scores)
+
+
+@pytest.mark.skipif(not SAMPLES.exists(), reason="shared samples not present")
+def test_training_refuses_data_with_errors_before_the_first_step(tmp_path, capsys):
+    code = main(["train", str(REPO / "configs" / "prostate" / "supervised.yaml"),
+                 f"data.root={SAMPLES / 'ProstateSlice'}", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "00_01.png" in err and "I2CVB" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -186,4 +186,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
             sup = np.nanmean([r["mean"] for r in rows if r["method"] == "supervised" and r["scope"] == scope])
             ust = np.nanmean([r["mean"] for r in rows if r["method"] == "ustrun" and r["scope"] == scope])
             print(f"Dice {scope:10s} supervised {sup:.3f}  UST-RUN {ust:.3f}  gain {ust - sup:+.3f}")
+    out = Path(out)
+    for method in methods:
+        print(f"{method}: {out / f'{method}-seed0' / 'report.md'} (curves.png, overlays/ beside it)")
     return summary

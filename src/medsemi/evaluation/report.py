@@ -93,7 +93,10 @@ def write_overlays(model: nn.Module, test_data: dict[str, dict], splits: Splits,
             continue
         pred = predict_labels(model, data["image"][:n], spec, batch_size=n)
         tiles = [overlay(data["image"][i], data["label"][i], pred[i], spec) for i in range(n)]
-        Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / f"{domain}.png")
+        strip = np.concatenate(tiles, axis=1)
+        zoom = max(1, -(-192 // strip.shape[0]))  # small patches are enlarged (nearest) to be readable
+        strip = strip.repeat(zoom, axis=0).repeat(zoom, axis=1)
+        Image.fromarray(strip).save(out_dir / f"{domain}.png")
 
 
 def _fmt(value: float) -> str:
