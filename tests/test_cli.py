@@ -70,6 +70,19 @@ def test_synth_train_evaluate_predict_score(tmp_path, tiny_overrides, capsys):
     scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert "cup" in json.dumps(scores) and "disc" in json.dumps(scores)
 
+    # the same data converted to the generic format trains and evaluates with the same counts
+    generic = tmp_path / "generic"
+    assert main(["data", "convert", str(data), str(generic), "--format", "fundus", "--lb-num", "4"]) == 0
+    assert main(["data", "check", str(generic), "--format", "generic"]) == 0
+    run2 = tmp_path / "run_generic"
+    code = main(["train", str(REPO / "configs" / "fundus" / "supervised.yaml"), *overrides,
+                 "data.format=generic", f"data.root={generic}", "data.lb_domain=0",
+                 "train.iterations=4", "train.eval_every=2", "--run-dir", str(run2)])
+    assert code == 0
+    assert json.loads((run2 / "splits.json").read_text()) == json.loads((run / "splits.json").read_text())
+    result2 = json.loads((run2 / "eval.json").read_text())
+    assert result2["best_test"]["counts"]["cases"] == result["best_test"]["counts"]["cases"]
+
 
 @pytest.mark.skipif(not SAMPLES.exists(), reason="shared samples not present")
 def test_training_refuses_data_with_errors_before_the_first_step(tmp_path, capsys):

@@ -67,5 +67,5 @@ class MiDSS(Method):
         loss = total_loss(terms, w, o)
         logs = {k: v.detach() for k, v in terms.items()}
         logs["mask_ratio"] = k_s.float().mean()
-        logs["w"] = torch.tensor(w)
+        logs["w"] = torch.full((), w, device=loss.device)  # a fill kernel, not a host-to-device copy
         return StepOutput(loss, logs)

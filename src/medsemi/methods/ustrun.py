@@ -153,6 +153,6 @@ class USTRUN(Method):
         logs = {k: v.detach() for k, v in terms.items()}
         logs.update(
             mask_ratio=k_s.float().mean(), hardness=h.float().mean(), reliable=reliable.float().sum(),
-            theta=theta_before.float(), queue_size=self.queue.count.float(), w=torch.tensor(w),
+            theta=theta_before.float(), queue_size=self.queue.count.float(), w=torch.full((), w, device=loss.device),
         )
         return StepOutput(loss, logs)

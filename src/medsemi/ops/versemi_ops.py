@@ -46,6 +46,7 @@ __all__ = [
 
 SYNTHETIC_TASK = 5
 REAL_TASKS = (1, 2, 3, 4)
+assert SYNTHETIC_TASK == len(REAL_TASKS) + 1 and REAL_TASKS == tuple(range(1, SYNTHETIC_TASK))
 _EPS = 1e-5
 
 
@@ -217,8 +218,12 @@ def task_specific_loss(
 
 # --- 3.2 aggregate, consistency, box supervision ----------------------------------------------
 def stage2_unlabeled_queries(device: torch.device | str | None = None) -> torch.Tensor:
-    """Queries on the unlabelled composite, (5,): [5, 1, 2, 3, 4] (synthetic first, then the real tasks)."""
-    return torch.tensor((SYNTHETIC_TASK, *REAL_TASKS), dtype=torch.long, device=device)
+    """Queries on the unlabelled composite, (5,): [5, 1, 2, 3, 4] (synthetic first, then the real tasks).
+
+    Built with ``arange`` on the device: no host-to-device copy (a synchronisation) inside a step.
+    """
+    n = len(REAL_TASKS) + 1
+    return (torch.arange(n, dtype=torch.long, device=device) + n - 1) % n + 1
 
 
 def aggregate_task_probs(probs: torch.Tensor, dim: int = 1, detach: bool = False) -> torch.Tensor:
