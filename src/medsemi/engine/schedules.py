@@ -21,7 +21,7 @@ def ema_alpha(step: int, decay: float = 0.99) -> float:
 
 def sigmoid_rampup(current: float, length: float) -> float:
     """``exp(-5 (1 - c/length)^2)`` with ``c`` clipped to ``[0, length]`` (Laine & Aila, 2017)."""
-    if length == 0:
+    if length <= 0:
         return 1.0
     phase = 1.0 - min(max(current, 0.0), length) / length
     return float(math.exp(-5.0 * phase * phase))

@@ -11,12 +11,13 @@ Box masks follow the original ``context_mask``: **1 outside the box, 0 inside**,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from medsemi.engine.schedules import sigmoid_rampup  # exp(-5 (1 - t/L)^2), one definition for all methods
 
 __all__ = [
     "SYNTHETIC_TASK",
@@ -270,13 +271,6 @@ def box_supervision_loss(
 
 
 # --- 3.3 weights and ramp-up -------------------------------------------------------------------
-def sigmoid_rampup(current: float, rampup_length: float) -> float:
-    """exp(-5 (1 - t/L)^2) with t clipped to [0, L]; 1 when L = 0 (spec 1.7; host-side float)."""
-    if rampup_length <= 0:
-        return 1.0
-    t = min(max(float(current), 0.0), float(rampup_length))
-    phase = 1.0 - t / rampup_length
-    return math.exp(-5.0 * phase * phase)
 
 
 @dataclass(frozen=True)
