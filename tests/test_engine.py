@@ -171,3 +171,12 @@ def test_poly_lr_applied_after_each_step(tmp_path, tiny_overrides):
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.fit()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(poly_lr(0.03, 3, 4))
+
+
+def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path, tiny_overrides):
+    from medsemi.config import ConfigError
+
+    cfg = _cfg(tiny_overrides, "train.iterations=2")
+    Trainer(cfg, tmp_path / "run").fit()
+    with pytest.raises(ConfigError, match="--resume"):
+        Trainer(_cfg(tiny_overrides, "train.iterations=2"), tmp_path / "run")

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medsemi.config import Config, config_to_dict, save_config
+from medsemi.config import Config, ConfigError, config_to_dict, save_config
 from medsemi.data.augment import BatchAugment
 from medsemi.data.datasets import Splits
 from medsemi.engine import distributed as ddp
@@ -109,6 +109,11 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, splits: Splits | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if not resume and (self.run_dir / "checkpoints" / "last.pt").exists():
+            raise ConfigError(
+                f"{self.run_dir} already holds a run (checkpoints/last.pt); continue it with "
+                f"`medsemi train --resume {self.run_dir}` or choose another --run-dir"
+            )
         self.rank_device = ddp.init_from_env()
         self.device = self.rank_device or resolve_device(cfg.train.device)
         self.amp = resolve_amp(cfg.train.amp, self.device)
