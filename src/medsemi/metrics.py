@@ -410,6 +410,7 @@ def aggregate(records: Sequence[dict], dice_key: str = "dice") -> dict:
         "macro_sd": macro_sd,
         "mean_over_classes": mean_over_classes,
         "mean_dice": mean_over_classes.get(dice_key, _NAN),
+        "selection_metric": dice_key,
         "counts": {
             "cases": {d: len(v) for d, v in by_domain.items()},
             "skipped": skipped,
@@ -467,7 +468,9 @@ def format_table(result: dict, metrics: Sequence[str] | None = None, digits: int
     mean_cells = [fmt(result["mean_over_classes"].get(m, _NAN)) for m in names]
     lines.append("| **mean over classes** | all | | " + " | ".join(mean_cells) + " |")
     lines.append("")
-    lines.append(f"Mean Dice (macro over domains, mean over classes): {fmt(result['mean_dice'])}")
+    key = result.get("selection_metric", "dice")
+    lines.append(f"Model-selection score, mean {key} (macro over domains, mean over classes): "
+                 f"{fmt(result['mean_dice'])}")
     lines.append(
         "Macro = mean over domains of per-domain means; ± is the SD over cases (domain rows) or over "
         "domain means (macro rows). (k skipped) = NaN values left out: cases (domain rows) or "

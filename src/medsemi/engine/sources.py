@@ -9,6 +9,7 @@ by index with a device generator (reshuffled every pass, ``drop_last`` semantics
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -26,8 +27,13 @@ def _collate(samples: list[dict]) -> dict:
     return out
 
 
-def cache_dataset(dataset: Dataset, device: torch.device, with_label: bool = True, workers: int = 0) -> dict:
-    """Read a whole dataset once into tensors on ``device`` (images, labels, domains, names)."""
+def cache_dataset(dataset: Dataset, device: torch.device, with_label: bool = True, workers: int | None = None) -> dict:
+    """Read a whole dataset once into tensors on ``device`` (images, labels, domains, names).
+
+    Files are read by ``workers`` loader processes (default: up to 4, one per core) once, at start-up.
+    """
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1) if len(dataset) > 64 else 0
     if len(dataset) == 0:
         raise ValueError("cannot cache an empty dataset")
     if hasattr(dataset, "images") and hasattr(dataset, "domains"):  # already in memory
@@ -59,7 +65,7 @@ class PoolSource:
         augment: BatchAugment | None = None,
         strong: bool = False,
         with_label: bool = True,
-        workers: int = 0,
+        workers: int | None = None,
     ) -> None:
         self.data = cache_dataset(dataset, device, with_label=with_label, workers=workers)
         self.size = len(self.data["image"])

@@ -385,7 +385,8 @@ class Trainer:
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
                     self._log({"kind": "train", "iteration": self.iteration, **values})
                     if bar is not None:
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in values.items() if k != "lr"})
+                        shown = {k: v for k, v in values.items() if k == "loss" or k.startswith("loss_")}
+                        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})  # tqdm shows it/s itself
                     pending, tic = [], time.perf_counter()
                 if self.iteration % tr.eval_every == 0 or self.iteration == tr.iterations:
                     self._periodic_eval()

@@ -188,5 +188,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
             print(f"Dice {scope:10s} supervised {sup:.3f}  UST-RUN {ust:.3f}  gain {ust - sup:+.3f}")
     out = Path(out)
     for method in methods:
-        print(f"{method}: {out / f'{method}-seed0' / 'report.md'} (curves.png, overlays/ beside it)")
+        report = out / f"{method}-seed0" / "report.md"
+        section = report.read_text().split("\n## best_test")[1].split("\n## ")[0]
+        print(f"\n{method}, best_test{section.rstrip()}")  # per domain and class: Dice, Jaccard, HD95, ASD
+        print(f"report: {report} (curves.png, overlays/ beside it)")
     return summary
