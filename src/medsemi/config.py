@@ -97,6 +97,9 @@ class EvalSection:
     # model selection score: mean over classes of the macro per-class value of this metric;
     # smoothed_dice is what UST-RUN/MiDSS select on (spec 1.3), dice is medpy's
     selection_metric: str = "smoothed_dice"
+    # AdaBN-style evaluation: BN statistics re-estimated per test domain on that domain's unlabelled
+    # training images (evaluation/adabn.py). Not the papers' protocol; off by default.
+    bn_adaptation: bool = False
 
 
 @dataclass

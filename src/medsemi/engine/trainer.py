@@ -164,6 +164,12 @@ class Trainer:
         )
         self.test_data = cache(self.splits.test)
         self.val_data = cache(self.splits.validation)
+        self.adapt_images = None
+        if cfg.eval.bn_adaptation and not self.own_eval:
+            from medsemi.evaluation.adabn import images_by_domain
+
+            pool = cache_dataset(self.splits.unlabelled, self.device, with_label=False)
+            self.adapt_images = images_by_domain(pool, info.domains)
         self.policy = policy_from_config(cfg)
 
         self.iteration = 0
@@ -325,7 +331,7 @@ class Trainer:
         kw = dict(
             label_spec=self.splits.info.label_spec, policy=self.policy,
             batch_size=self.cfg.eval.batch_size, surface=surface, amp=self.amp,
-            selection_metric=self.cfg.eval.selection_metric,
+            selection_metric=self.cfg.eval.selection_metric, adapt_images=self.adapt_images,
         )
         result = {"test": evaluate_networks(nets, self.test_data, **kw)}
         if self.val_data:

@@ -89,17 +89,25 @@ def evaluate_networks(
     surface: bool = False,
     amp: str = "off",
     selection_metric: str = "dice",
+    adapt_images: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict]:
     """Evaluate each network on every domain's cached split; returns ``{role: aggregate result}``.
 
-    ``splits`` maps a domain name to a cached split (``engine.sources.cache_dataset``).
+    ``splits`` maps a domain name to a cached split (``engine.sources.cache_dataset``). With
+    ``adapt_images`` (images per domain name), each domain is evaluated with BatchNorm statistics
+    re-estimated on its images (``evaluation/adabn.py``; not the papers' protocol).
     """
+    from medsemi.evaluation.adabn import adapt_batchnorm
+
     metrics = FULL_METRICS if surface else FAST_METRICS
     results = {}
     for role, model in networks.items():
         records: list[dict] = []
         for domain, data in splits.items():
-            pred = predict_labels(model, data["image"], label_spec, batch_size, amp)
+            net = model
+            if adapt_images and domain in adapt_images:
+                net = adapt_batchnorm(model, adapt_images[domain], batch_size)
+            pred = predict_labels(net, data["image"], label_spec, batch_size, amp)
             records += score_predictions(pred, data["label"], data["name"], domain, label_spec, policy, metrics)
         result = aggregate(records, dice_key=selection_metric)
         result["records"] = records

@@ -110,6 +110,8 @@ def render_report(cfg: Config, results: dict[str, Any], splits: Splits) -> str:
         f"Labelled domain {cfg.data.lb_domain}, splits {json.dumps(splits.summary())}.",
         "Metrics per image and class, averaged per domain, then macro over domains "
         "(HD95/ASD in pixels; policies in the README).",
+        *(["**BatchNorm statistics re-estimated per test domain on its unlabelled training images "
+           "(eval.bn_adaptation, AdaBN; not the papers' protocol).**"] if cfg.eval.bn_adaptation else []),
         "",
         "| checkpoint | iteration | mean Dice | mean Jaccard | mean HD95 | mean ASD |",
         "|---|---|---|---|---|---|",
@@ -132,18 +134,28 @@ def evaluate_run(
     device: str = "auto",
     splits: Splits | None = None,
     cfg: Config | None = None,
+    out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate the chosen checkpoints of a run with every metric; write the report files."""
+    """Evaluate the chosen checkpoints of a run with every metric; write the report files into
+    ``out_dir`` (default: the run directory)."""
     from medsemi.data.build import build_splits
     from medsemi.engine.trainer import policy_from_config, resolve_device
 
     run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
     cfg = cfg or load_config(run_dir / "config.yaml")
     dev = resolve_device(device)
     splits = splits or build_splits(cfg)
     own_eval = hasattr(splits, "evaluate")  # 3D datasets evaluate themselves (sliding window per task)
     test_data = {} if own_eval else {d: cache_dataset(ds, dev) for d, ds in splits.test.items()}
     policy = policy_from_config(cfg)
+    adapt_images = None
+    if cfg.eval.bn_adaptation and not own_eval:
+        from medsemi.evaluation.adabn import images_by_domain
+
+        pool = cache_dataset(splits.unlabelled, dev, with_label=False)
+        adapt_images = images_by_domain(pool, splits.info.domains)
     results: dict[str, Any] = {}
     for role in which:
         model = load_network(run_dir, role, cfg, splits, dev)
@@ -155,15 +167,16 @@ def evaluate_run(
         else:
             res = evaluate_networks({role: model}, test_data, splits.info.label_spec, policy,
                                     cfg.eval.batch_size, surface=surface,
-                                    selection_metric=cfg.eval.selection_metric)[role]
+                                    selection_metric=cfg.eval.selection_metric,
+                                    adapt_images=adapt_images)[role]
         file = run_dir / "checkpoints" / CHECKPOINTS[role][0]
         res["iteration"] = int(load_checkpoint(file)["iteration"])
         results[role] = res
         if not own_eval and (role == "best_test" or (role == "last_student" and "best_test" not in results)):
-            write_overlays(model, test_data, splits, run_dir / "overlays", cfg.eval.overlays)
+            write_overlays(model, test_data, splits, out / "overlays", cfg.eval.overlays)
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
     plot_curves(run_dir)
-    (run_dir / "eval.json").write_text(json.dumps(results, indent=1, default=float))
-    (run_dir / "report.md").write_text(render_report(cfg, results, splits))
+    (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "report.md").write_text(render_report(cfg, results, splits))
     return results
