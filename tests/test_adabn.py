@@ -61,3 +61,21 @@ def test_evaluate_cli_with_bn_adaptation_writes_elsewhere(tmp_path, tiny_overrid
     assert main(["evaluate", str(run), "eval.bn_adaptation=true", "--out", str(out)]) == 0
     assert "re-estimated per test domain" in (out / "report.md").read_text()
     assert (run / "report.md").read_text() == original
+
+
+def test_trainer_evaluates_with_per_domain_statistics(tmp_path, tiny_overrides):
+    from pathlib import Path
+
+    from medsemi.config import load_config
+    from medsemi.engine.trainer import Trainer
+
+    repo = Path(__file__).resolve().parents[1]
+    for method in ("supervised", "mean_teacher"):  # without and with a cached unlabelled pool
+        cfg = load_config(repo / "configs" / "demo.yaml", [*tiny_overrides, f"method.name={method}",
+                          "train.iterations=2", "train.eval_every=2", "eval.bn_adaptation=true"])
+        trainer = Trainer(cfg, tmp_path / method)
+        assert sorted(trainer.adapt_images) == list(trainer.splits.info.domains)
+        n = sum(len(v) for v in trainer.adapt_images.values())
+        assert n == len(trainer.splits.unlabelled)
+        trainer.fit()
+        assert trainer.best["test"]["iteration"] == 2

@@ -40,10 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"stopped at iteration {trainer.iteration}; continue with: medsemi train --resume {run_dir}")
         return 130
     if ddp.is_main_process() and not args.no_eval:
-        results = evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
+        evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
         print((run_dir / "report.md").read_text().split("\n## ")[0])
         print(f"report: {run_dir / 'report.md'}")
-        del results
     ddp.cleanup()
     return 0
 
@@ -80,9 +79,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         codec = CODECS[args.format]
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
     out = args.out or args.pred_dir
-    result = score_folders(args.pred_dir, args.gt_dir, codec, out_dir=out, spacing=spacing)
+    score_folders(args.pred_dir, args.gt_dir, codec, out_dir=out, spacing=spacing)
     print(Path(out, "scores.md").read_text())
-    del result
     return 0
 
 

@@ -168,7 +168,10 @@ class Trainer:
         if cfg.eval.bn_adaptation and not self.own_eval:
             from medsemi.evaluation.adabn import images_by_domain
 
-            pool = cache_dataset(self.splits.unlabelled, self.device, with_label=False)
+            # reuse the unlabelled pool already cached for training when the method has one
+            pool = self.unlabelled.data if isinstance(self.unlabelled, PoolSource) else cache_dataset(
+                self.splits.unlabelled, self.device, with_label=False
+            )
             self.adapt_images = images_by_domain(pool, info.domains)
         self.policy = policy_from_config(cfg)
 

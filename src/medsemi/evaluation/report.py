@@ -27,8 +27,11 @@ CHECKPOINTS = {
 }
 
 
-def load_network(run_dir: Path, which: str, cfg: Config, splits: Splits, device: torch.device) -> nn.Module | None:
-    """The network of one checkpoint role, or None when the run has no such checkpoint."""
+def load_network(
+    run_dir: Path, which: str, cfg: Config, splits: Splits, device: torch.device
+) -> tuple[nn.Module, int] | None:
+    """The network of one checkpoint role and the iteration it was saved at, or None when the run has
+    no such checkpoint."""
     from medsemi.nets.build import build_model
 
     file, _ = CHECKPOINTS[which]
@@ -37,16 +40,17 @@ def load_network(run_dir: Path, which: str, cfg: Config, splits: Splits, device:
         return None
     state = load_checkpoint(path, map_location=device)
     model = build_model(cfg.model, splits.info).to(device)
+    iteration = int(state["iteration"])
     if which.startswith("best"):
         model.load_state_dict(state["model"])
-        return model
+        return model, iteration
     prefix = "student." if which == "last_student" else "teacher."
     sub = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
     if not sub:
         return None
     sub = {k.replace("_orig_mod.", ""): v for k, v in sub.items()}
     model.load_state_dict(sub)
-    return model
+    return model, iteration
 
 
 def plot_curves(run_dir: Path) -> Path | None:
@@ -158,9 +162,10 @@ def evaluate_run(
         adapt_images = images_by_domain(pool, splits.info.domains)
     results: dict[str, Any] = {}
     for role in which:
-        model = load_network(run_dir, role, cfg, splits, dev)
-        if model is None:
+        loaded = load_network(run_dir, role, cfg, splits, dev)
+        if loaded is None:
             continue
+        model, iteration = loaded
         surface = cfg.eval.surface_metrics != "never"
         if own_eval:
             res = splits.evaluate({role: model}, cfg, dev, surface=surface, amp="off")["test"][role]
@@ -169,8 +174,7 @@ def evaluate_run(
                                     cfg.eval.batch_size, surface=surface,
                                     selection_metric=cfg.eval.selection_metric,
                                     adapt_images=adapt_images)[role]
-        file = run_dir / "checkpoints" / CHECKPOINTS[role][0]
-        res["iteration"] = int(load_checkpoint(file)["iteration"])
+        res["iteration"] = iteration
         results[role] = res
         if not own_eval and (role == "best_test" or (role == "last_student" and "best_test" not in results)):
             write_overlays(model, test_data, splits, out / "overlays", cfg.eval.overlays)
