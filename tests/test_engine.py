@@ -166,6 +166,27 @@ def test_ema_parameters_only():
         assert torch.allclose(t, 0.99 * o + 0.01 * s)
 
 
+@pytest.mark.parametrize("method, options, own_stats", [
+    ("unimatch", [], False),  # default teacher="student": the EMA model is never forwarded
+    ("fixmatch", ["method.teacher=student"], False),
+    ("fixmatch", [], True),  # teacher="ema" runs in train mode and keeps its own statistics
+])
+def test_teacher_bn_statistics_follow_the_student_when_never_forwarded(tmp_path, tiny_overrides, method,
+                                                                      options, own_stats):
+    """A teacher that is only an evaluation average must not keep the initial BN statistics (0, 1)."""
+    trainer = Trainer(_cfg(tiny_overrides, f"method.name={method}", "train.iterations=3", *options),
+                      tmp_path / "run")
+    trainer.fit()
+    t_bn = [m for m in trainer.method.teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    s_bn = [m for m in trainer.student.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert t_bn and len(t_bn) == len(s_bn)
+    same = all(torch.equal(t.running_mean, s.running_mean) and torch.equal(t.running_var, s.running_var)
+               for t, s in zip(t_bn, s_bn))
+    moved = all(not torch.equal(t.running_mean, torch.zeros_like(t.running_mean)) for t in t_bn)
+    assert moved
+    assert same != own_stats
+
+
 def test_poly_lr_applied_after_each_step(tmp_path, tiny_overrides):
     cfg = _cfg(tiny_overrides, "train.iterations=4")
     trainer = Trainer(cfg, tmp_path / "run")

@@ -18,14 +18,17 @@ Two targets (``SyntheticConfig.kind``):
   slices through the same organ (its size follows the slice position), so a few percent of the slices,
   at the ends of a case, have no foreground -- as in the real prostate slice sets.
 
-Domain styles (index 0-based = folder ``Domain1``...). Multi-label (fundus-like):
+Domain styles (index 0-based = folder ``Domain1``...). Multi-label (fundus-like); the background and
+vessel colours of the first four are calibrated so that each domain's per-channel image mean matches that
+of the real ROI crops of the same domain in ``shared/data/samples/Fundus`` (2 images per domain) to within
+0.02 (tested); the disc and cup stay bright, as in the real images:
 
-1. *Drishti-like*: warm orange-brown retina, yellow disc, near-white cup, mild blur, little noise.
-2. *RIM-ONE-like*: dark red image (gamma 1.2), strong reddish blotchy texture, blurrier,
-   slightly smaller discs.
+1. *Drishti-like*: dark brown retina, yellow disc, near-white cup, mild blur, little noise.
+2. *RIM-ONE-like*: red image (gamma 1.2), pale disc, strong blotchy texture, blurrier, slightly smaller
+   discs.
 3. *REFUGE/Zeiss-like*: olive-green tint (channel mixing), circular black field-of-view border, strong
    smooth illumination (bias) field, smaller discs.
-4. *REFUGE/Canon-like*: pale pink, bright, washed-out image (gamma 0.7, low saturation), sharp with
+4. *REFUGE/Canon-like*: bright orange-pink, washed-out image (gamma 0.8, channel mixing), sharp with
    strong sensor noise.
 5. *red-free-like*: grey image (green channel copied to all channels), high contrast.
 6. *blue-tinted*: cold channel mix, heavy blur.
@@ -157,19 +160,19 @@ class ProstateStyle:
 
 
 FUNDUS_STYLES: tuple[FundusStyle, ...] = (
-    FundusStyle("Drishti-like: warm orange-brown, yellow disc, mild blur, little noise",
-                (0.55, 0.30, 0.10), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.42, 0.12, 0.05),
+    FundusStyle("Drishti-like: dark brown, yellow disc, mild blur, little noise",
+                (0.26, 0.10, 0.03), (0.92, 0.70, 0.30), (1.0, 0.92, 0.60), (0.20, 0.04, 0.01),
                 blur=0.5, noise=0.01, bias=0.10, texture=0.03),
-    FundusStyle("RIM-ONE-like: dark red, gamma 1.2, blotchy red texture, blurrier, smaller discs",
-                (0.40, 0.10, 0.05), (0.72, 0.36, 0.20), (0.90, 0.60, 0.42), (0.26, 0.04, 0.02),
+    FundusStyle("RIM-ONE-like: red, pale disc, gamma 1.2, blotchy red texture, blurrier, smaller discs",
+                (0.50, 0.19, 0.08), (0.95, 0.75, 0.50), (1.0, 0.92, 0.75), (0.32, 0.08, 0.03),
                 gamma=1.2, blur=0.9, noise=0.015, bias=0.15, texture=0.06,
                 texture_scale=5.0, size_scale=0.95),
     FundusStyle("REFUGE/Zeiss-like: olive-green mix, circular field of view, strong illumination field",
-                (0.50, 0.34, 0.12), (0.90, 0.78, 0.40), (0.98, 0.92, 0.62), (0.36, 0.14, 0.05),
+                (0.69, 0.08, 0.08), (0.90, 0.78, 0.40), (0.98, 0.92, 0.62), (0.49, 0.03, 0.03),
                 mix=((0.55, 0.40, 0.05), (0.25, 0.70, 0.05), (0.05, 0.20, 0.75)),
                 blur=0.7, noise=0.015, bias=0.35, texture=0.04, fov=True, size_scale=0.9),
-    FundusStyle("REFUGE/Canon-like: pale pink, washed out, sharp with strong sensor noise",
-                (0.80, 0.45, 0.36), (0.96, 0.80, 0.66), (1.0, 0.93, 0.86), (0.62, 0.20, 0.16),
+    FundusStyle("REFUGE/Canon-like: bright orange-pink, washed out, sharp with strong sensor noise",
+                (0.62, 0.30, 0.04), (0.96, 0.80, 0.66), (1.0, 0.93, 0.86), (0.48, 0.13, 0.02),
                 mix=((0.85, 0.10, 0.05), (0.20, 0.70, 0.10), (0.20, 0.20, 0.60)),
                 gamma=0.8, blur=0.2, noise=0.035, bias=0.10, texture=0.03,
                 texture_scale=1.5, size_scale=0.95),

@@ -316,7 +316,8 @@ class Trainer:
         self.scaler.update()
         k = progress.iteration
         if self.method.teacher is not None:
-            ema_update(self.method.teacher, unwrap(self.method.student), ema_alpha(k, tr.ema_decay))
+            ema_update(self.method.teacher, unwrap(self.method.student), ema_alpha(k, tr.ema_decay),
+                       buffers=not self.method.teacher_keeps_own_bn_stats)
         if tr.schedule == "poly":  # set after step k: steps 0 and 1 both use the base LR (spec 1.5)
             lr = poly_lr(tr.lr, k, tr.iterations, tr.poly_power)
             for group in self.optimizer.param_groups:

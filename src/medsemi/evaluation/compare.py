@@ -134,9 +134,9 @@ def bar_chart(rows: list[dict], methods: list[str], path: Path, title: str) -> N
     ax.set_ylabel("Dice (mean over classes)")
     ax.set_ylim(0, 1)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the axes, not over bars
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -92,6 +92,14 @@ class Method(nn.Module):
             nets["teacher"] = self.teacher
         return nets
 
+    @property
+    def teacher_keeps_own_bn_stats(self) -> bool:
+        """True when the teacher runs its own train-mode forwards, so its BatchNorm running statistics
+        are its own (spec ust-run.md 3.5). A method whose teacher is only an evaluation average (never
+        forwarded) returns False, and the engine's EMA update then copies the student's BN buffers:
+        otherwise the evaluated teacher would keep the initial statistics (mean 0, variance 1)."""
+        return True
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 

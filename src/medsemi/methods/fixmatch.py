@@ -79,6 +79,11 @@ class FixMatch(Method):
     uses_teacher = True
     description = "FixMatch: confident weak-view pseudo-labels (EMA teacher) supervise the strong view"
 
+    @property
+    def teacher_keeps_own_bn_stats(self) -> bool:
+        """Only the ``teacher="ema"`` variant forwards the teacher; otherwise it is an evaluation average."""
+        return self.options.teacher == "ema"
+
     def pseudo_labels(self, weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard label and confidence mask for the weak view, from the teacher chosen by the options."""
         opt: FixMatchOptions = self.options  # type: ignore[assignment]

@@ -140,6 +140,11 @@ class UniMatch(Method):
     uses_teacher = True  # only read with teacher="ema"; the engine still evaluates the EMA model
     description = "UniMatch: dual cut-mixed strong views + feature-perturbation (dropout) stream"
 
+    @property
+    def teacher_keeps_own_bn_stats(self) -> bool:
+        """Only the ``teacher="ema"`` variant forwards the teacher; otherwise it is an evaluation average."""
+        return self.options.teacher == "ema"
+
     def __init__(self, options: MethodOptions, student: nn.Module, teacher: nn.Module | None,
                  info: DatasetInfo) -> None:
         super().__init__(options, student, teacher, info)
