@@ -16,7 +16,7 @@ from PIL import Image
 from medsemi.data.datasets import TensorDataset2D
 from medsemi.data.readers2d import DataFormatError, MissingMaskError, mask_path_for, open_format
 
-SAMPLES = Path("/work/shared/data/samples")
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"  # ../shared beside the repo
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="real samples not present")
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from test_readers2d import SAMPLES, needs_samples
 
 from medsemi.data.codecs import FUNDUS, PROSTATE
 from medsemi.data.synthetic2d import (
@@ -106,15 +107,12 @@ def test_domains_differ_in_appearance_not_in_labels(kind: str) -> None:
     assert max(fg) / min(fg) < 1.5, fg
 
 
-FUNDUS_SAMPLES = Path("/work/shared/data/samples/Fundus")
-
-
-@pytest.mark.skipif(not FUNDUS_SAMPLES.is_dir(), reason="real fundus samples not present")
+@needs_samples
 def test_fundus_styles_match_the_real_samples_colour_means() -> None:
     """The four fundus presets are calibrated to the real ROI crops: per-channel means within 0.02."""
     cfg = SyntheticConfig(kind="multilabel", size=64, train_per_domain=40, seed=0)
     for d in range(4):
-        files = sorted(FUNDUS_SAMPLES.glob(f"Domain{d + 1}/*/ROIs/image/*.png"))
+        files = sorted((SAMPLES / "Fundus").glob(f"Domain{d + 1}/*/ROIs/image/*.png"))
         assert files, f"no sample images for Domain{d + 1}"
         real = np.stack([np.asarray(Image.open(f).convert("RGB").resize((256, 256)), np.float64) / 255
                          for f in files]).mean((0, 1, 2))

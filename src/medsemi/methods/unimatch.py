@@ -47,7 +47,7 @@ from medsemi.data.contract import DatasetInfo
 from medsemi.engine.schedules import consistency_weight
 from medsemi.losses import seg_loss
 from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
-from medsemi.methods.fixmatch import masked_unsup_loss
+from medsemi.methods.fixmatch import FixMatch, masked_unsup_loss
 from medsemi.methods.mean_teacher import require_unlabelled
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
@@ -140,10 +140,7 @@ class UniMatch(Method):
     uses_teacher = True  # only read with teacher="ema"; the engine still evaluates the EMA model
     description = "UniMatch: dual cut-mixed strong views + feature-perturbation (dropout) stream"
 
-    @property
-    def teacher_keeps_own_bn_stats(self) -> bool:
-        """Only the ``teacher="ema"`` variant forwards the teacher; otherwise it is an evaluation average."""
-        return self.options.teacher == "ema"
+    teacher_keeps_own_bn_stats = FixMatch.teacher_keeps_own_bn_stats  # the same ``teacher`` option
 
     def __init__(self, options: MethodOptions, student: nn.Module, teacher: nn.Module | None,
                  info: DatasetInfo) -> None:
