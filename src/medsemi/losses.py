@@ -9,7 +9,8 @@ number of spatial dims):
   (``(B, 1, *S)`` or ``(B, *S)`` is broadcast over the K channels).
 
 ``weight=None`` means all ones (the supervised term). All arithmetic is done in float32 with autocast
-disabled, whatever the logits' dtype; nothing here synchronises with the host (shape checks only).
+disabled (float64 logits stay float64, so reference tests can compare in double precision); nothing here
+synchronises with the host (shape checks only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def _check_spec(label_spec: LabelSpec | None) -> LabelSpec:
     return label_spec
 
 
+def _work_dtype(logits: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when the logits are float64 (half precisions are promoted)."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
 def _prepare(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
              label_spec: LabelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate shapes and return float32 ``(logits, target, weight)``.
@@ -48,16 +54,17 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
         raise ValueError(f"{_WHERE}: logits have {logits.shape[1]} channels but the label spec "
                          f"{label_spec.class_names} needs {label_spec.num_outputs}")
     b, spatial = logits.shape[0], tuple(logits.shape[2:])
-    z = logits.float()
+    dt = _work_dtype(logits)
+    z = logits.to(dt)
     if label_spec.multilabel:
         if tuple(target.shape) != tuple(logits.shape):
             raise ValueError(f"{_WHERE}: multilabel target must have the logits' shape {tuple(logits.shape)}, "
                              f"got {tuple(target.shape)}")
-        y = target.float()
+        y = target.to(dt)
         if weight is None:
             w = torch.ones_like(z)
         else:
-            w = weight.float()
+            w = weight.to(dt)
             if tuple(w.shape) == (b, *spatial):
                 w = w.unsqueeze(1)
             if w.dim() != z.dim() or w.shape[0] != b or tuple(w.shape[2:]) != spatial \
@@ -75,9 +82,9 @@ def _prepare(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
                          f"got {tuple(target.shape)}")
     y = target.long()
     if weight is None:
-        w = torch.ones((b, *spatial), dtype=torch.float32, device=logits.device)
+        w = torch.ones((b, *spatial), dtype=dt, device=logits.device)
     else:
-        w = weight.float()
+        w = weight.to(dt)
         if tuple(w.shape) == (b, 1, *spatial):
             w = w.squeeze(1)
         if tuple(w.shape) != (b, *spatial):

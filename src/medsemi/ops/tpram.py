@@ -37,7 +37,8 @@ def amplitude_mix(source: torch.Tensor, style: torch.Tensor, ratios: torch.Tenso
     """Mix the low-frequency amplitude of ``style`` into ``source`` with one ratio per sample.
 
     ``source``, ``style``: ``(B, C, H, W)`` in [-1, 1]; ``ratios``: ``(B,)`` (λ, same for all channels).
-    Returns ``(B, C, H, W)`` in [-1, 1], dtype of ``source``. Computed in float32 (complex64).
+    Returns ``(B, C, H, W)`` in [-1, 1], dtype of ``source``. Computed in float32 (complex64), or in
+    float64 (complex128) for a float64 source (reference tests).
     """
     if source.dim() != 4 or source.shape != style.shape:
         raise ValueError(f"medsemi.ops.tpram: source {tuple(source.shape)} and style {tuple(style.shape)} "
@@ -49,12 +50,13 @@ def amplitude_mix(source: torch.Tensor, style: torch.Tensor, ratios: torch.Tenso
         raise ValueError(f"medsemi.ops.tpram: band must be in [0, 0.5], got {band}")
     height, width = source.shape[-2:]
     b = window_half_size(height, width, band)
-    s = (source.float() + 1.0) * 127.5
-    g = (style.float() + 1.0) * 127.5
+    work = torch.float64 if source.dtype == torch.float64 else torch.float32
+    s = (source.to(work) + 1.0) * 127.5
+    g = (style.to(work) + 1.0) * 127.5
     f_s = torch.fft.fft2(s)
     amp_g = torch.fft.fft2(g).abs()
     amp_s = f_s.abs()
-    lam = ratios.to(device=source.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    lam = ratios.to(device=source.device, dtype=work).view(-1, 1, 1, 1)
     dev = source.device
     win = _low_freq_window(height, b, dev)[:, None] & _low_freq_window(width, b, dev)[None, :]
     amp = torch.where(win, (1 - lam) * amp_s + lam * amp_g, amp_s)
