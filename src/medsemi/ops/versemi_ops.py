@@ -52,6 +52,11 @@ _EPS = 1e-5
 
 
 # --- 3.0 primitives ----------------------------------------------------------------------------
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """float32 for the loss arithmetic, float64 kept as is (reference tests compare in double)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def binarize_label(label: torch.Tensor) -> torch.Tensor:
     """Binary label: only the value 1 is foreground (spec 1.4, ``lab == 1``)."""
     return (label == 1).long()
@@ -63,7 +68,7 @@ def foreground_prob(logits: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
         raise ValueError(
             f"ops/versemi_ops.py: expected 2 logit channels on dim {channel_dim}, got {tuple(logits.shape)}"
         )
-    return torch.softmax(logits.float(), dim=channel_dim).select(channel_dim, 1)
+    return torch.softmax(_work(logits), dim=channel_dim).select(channel_dim, 1)
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
@@ -76,8 +81,8 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = _EPS) 
         raise ValueError(
             f"ops/versemi_ops.py: Dice needs equal shapes, got {tuple(prob.shape)} and {tuple(target.shape)}"
         )
-    p = prob.float()
-    y = target.float()
+    p = _work(prob)
+    y = target.to(p.dtype)
     inter = (p * y).sum()
     return 1.0 - (2.0 * inter + eps) / ((p * p).sum() + (y * y).sum() + eps)
 
@@ -92,7 +97,7 @@ def supervised_loss(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Te
             f"ops/versemi_ops.py: logits {tuple(logits.shape)} do not match label {tuple(label.shape)}"
         )
     dice = soft_dice_loss(foreground_prob(logits), label)
-    ce = F.cross_entropy(logits.float(), label.long())
+    ce = F.cross_entropy(_work(logits), label.long())
     return dice, ce
 
 
@@ -258,9 +263,9 @@ def box_supervision_loss(
             "ops/versemi_ops.py: box supervision needs equal shapes, got "
             f"{tuple(synthetic_prob.shape)}, {tuple(label.shape)}, mask {tuple(mask.shape)}"
         )
-    box = 1.0 - mask.float()
-    s = synthetic_prob.float()
-    y = label.float()
+    s = _work(synthetic_prob)
+    box = 1.0 - mask.to(s.dtype)
+    y = label.to(s.dtype)
     if not compat_cons_broadcast:
         return soft_dice_loss(s * box, y * box)
     count = box.sum(0)
