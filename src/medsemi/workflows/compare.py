@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import medsemi
-from medsemi.config import load_config
+from medsemi.config import Config, config_from_dict, load_config, parse_overrides, read_raw_config
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -42,6 +42,23 @@ def method_overrides(method: str) -> list[str]:
     return [f"method.name={name}", *(f"method.{o}" for o in options)]
 
 
+def config_for_method(config: str | Path, method: str, overrides: list[str]) -> Config:
+    """The config of one ``--methods`` entry: the file with ``overrides``, its method section kept only
+    where the entry's method accepts the key (a ``ustrun`` config's ``lq_mode`` does not reach
+    ``supervised``), then the entry's own ``method.*`` options."""
+    import dataclasses
+
+    from medsemi.methods.registry import get_method
+
+    raw = read_raw_config(config, overrides)
+    name = method.split(":")[0]
+    accepted = {f.name for f in dataclasses.fields(get_method(name).Options)}
+    raw["method"] = {k: v for k, v in dict(raw.get("method") or {}).items() if k in accepted}
+    for key, value in parse_overrides(method_overrides(method)):
+        raw["method"][key.split(".", 1)[1]] = value
+    return config_from_dict(raw)
+
+
 def run_label(method: str) -> str:
     """A file-name-safe label for a method entry (variants keep their options readable)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
@@ -53,7 +70,7 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
 
     if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
         return json.loads((run_dir / "eval.json").read_text())
-    cfg = load_config(config, [*overrides, *method_overrides(method), f"seed={seed}"])
+    cfg = config_for_method(config, method, [*overrides, f"seed={seed}"])
     cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
