@@ -177,6 +177,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off / on as a bool: train.amp=off, lq_mode=off
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
