@@ -165,7 +165,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from medsemi.workflows.compare import compare_methods
 
-    compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides)
+    compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides, args.references)
     return 0
 
 
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="supervised,ustrun")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--references", help="published numbers to print beside ours when the setting matches "
+                   "(default: benchmarks/reference_results.yaml of the checkout)")
     p.set_defaults(func=cmd_bench_compare)
 
     p = sub.add_parser("demo", help="supervised vs UST-RUN on the embedded synthetic data (CPU, a few minutes)")

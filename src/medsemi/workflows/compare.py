@@ -13,6 +13,7 @@ import numpy as np
 
 import medsemi
 from medsemi.config import Config, config_from_dict, load_config, parse_overrides, read_raw_config
+from medsemi.workflows.references import load_references, render_references
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -157,8 +158,17 @@ def bar_chart(rows: list[dict], methods: list[str], path: Path, title: str) -> N
     plt.close(fig)
 
 
+def default_references() -> Path | None:
+    """``benchmarks/reference_results.yaml`` of the repository, when the package runs from a checkout."""
+    path = Path(medsemi.__file__).resolve().parents[2] / "benchmarks" / "reference_results.yaml"
+    return path if path.is_file() else None
+
+
 def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str | Path,
-                    overrides: list[str] | None = None) -> dict:
+                    overrides: list[str] | None = None, references: str | Path | None = None) -> dict:
+    """Train every method for every seed, then write the comparison; published numbers of the same setting
+    from ``references`` (default: :func:`default_references`) are printed beside ours
+    (:mod:`medsemi.workflows.references` says when a setting matches)."""
     config = find_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +188,10 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
         if prot_rows:
             rows += prot_rows
             parts += [render_markdown(prot_rows, methods, protocol, setting), ""]
+    ref_path = Path(references) if references else default_references()
+    published = render_references(load_references(ref_path), base, methods) if ref_path else ""
+    if published:
+        parts += [published, ""]
     (out / "comparison.md").write_text("\n".join(parts))
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
