@@ -118,7 +118,8 @@ def test_versemi_presets():
         "two_stage", False, True)
     rel = load_config(VERSEMI_20, ["method.preset=released", "method.pipeline=released_main"])
     assert rel.method.stage1_only and rel.method.compat_cons_broadcast
-    assert not rel.method.reset_optimizer_at_stage2 and rel.train.amp == "off"
+    assert not rel.method.reset_optimizer_at_stage2 and rel.train.amp == "off" and rel.method.bn_update_per_query
+    assert not paper.method.bn_update_per_query
     # the config writes pipeline: two_stage, which wins; the rest of the released preset applies
     both = load_config(VERSEMI_20, ["method.preset=released"])
     assert both.method.pipeline == "two_stage" and both.method.compat_cons_broadcast

@@ -152,12 +152,13 @@ class VerSemi(Method):
     default_pipeline: ClassVar[str | None] = None
     # released: train.py's main runs stage 1 only (N1); its stage 2, when run, keeps the one Adam of stage 1
     # (the same optimiser object, and the stage-2 load restores it with the weights) and has the L_cons
-    # broadcast (N2); no autocast. paper: the two stages of the paper with the intended L_cons (spec 3.7).
+    # broadcast (N2); one BatchNorm update per network call (N15-N16); no autocast. paper: the two stages
+    # with the intended L_cons (spec 3.7).
     presets = {
         "paper": {"method": {"pipeline": "two_stage", "compat_cons_broadcast": False,
                              "reset_optimizer_at_stage2": True}},
         "released": {"method": {"pipeline": "released_main", "compat_cons_broadcast": True,
-                                "reset_optimizer_at_stage2": False},
+                                "reset_optimizer_at_stage2": False, "bn_update_per_query": True},
                      "train": {"amp": "off"}},
     }
 
