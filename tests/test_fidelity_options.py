@@ -165,3 +165,5 @@ def test_compare_drops_options_another_method_does_not_have():
     assert cfg.method.lq_mode == "forward_only" and cfg.train.amp == "fp16"
     cfg = config_for_method(FUNDUS_UST, "midss:preset=released", [])
     assert cfg.method.name == "midss" and cfg.train.amp == "fp16"
+    with pytest.raises(ConfigError, match="lq_mode"):  # an explicit override is never dropped
+        config_for_method(FUNDUS_UST, "supervised", ["method.lq_mode=loss"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import medsemi
-from medsemi.config import Config, config_from_dict, load_config, parse_overrides, read_raw_config
+from medsemi.config import Config, apply_overrides, config_from_dict, load_config, read_raw_config
 from medsemi.workflows.references import load_references, render_references
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -44,20 +44,18 @@ def method_overrides(method: str) -> list[str]:
 
 
 def config_for_method(config: str | Path, method: str, overrides: list[str]) -> Config:
-    """The config of one ``--methods`` entry: the file with ``overrides``, its method section kept only
-    where the entry's method accepts the key (a ``ustrun`` config's ``lq_mode`` does not reach
-    ``supervised``), then the entry's own ``method.*`` options."""
+    """The config of one ``--methods`` entry: the file's method section kept only where the entry's method
+    accepts the key (a ``ustrun`` config's ``lq_mode`` does not reach ``supervised``), then ``overrides``
+    (all of them: a ``method.*`` override the method lacks is an error), then the entry's own options."""
     import dataclasses
 
     from medsemi.methods.registry import get_method
 
-    raw = read_raw_config(config, overrides)
+    raw = read_raw_config(config)
     name = method.split(":")[0]
     accepted = {f.name for f in dataclasses.fields(get_method(name).Options)}
     raw["method"] = {k: v for k, v in dict(raw.get("method") or {}).items() if k in accepted}
-    for key, value in parse_overrides(method_overrides(method)):
-        raw["method"][key.split(".", 1)[1]] = value
-    return config_from_dict(raw)
+    return config_from_dict(apply_overrides(raw, [*overrides, *method_overrides(method)]))
 
 
 def run_label(method: str) -> str:
@@ -183,7 +181,7 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     per_task = base.data.format in ("versemi", "synthetic3d")
     setting = "one network for all tasks" if per_task else f"labelled domain {base.data.lb_domain}"
     parts = [f"# Comparison: {config.name} ({', '.join(overrides) or 'no overrides'}), {seeds} seed(s)", ""]
-    for protocol in ("best_test", "best_val", "last_student", "last_teacher"):
+    for protocol in ("best_test", "best_test_stage1", "best_val", "last_student", "last_teacher"):
         prot_rows = summarise(results, protocol)
         if prot_rows:
             rows += prot_rows
