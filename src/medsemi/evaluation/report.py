@@ -27,7 +27,9 @@ CHECKPOINTS = {
 }
 
 
-def plot_curves(run_dir: Path) -> Path | None:
+def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
+    """``curves.png``: training losses and evaluation Dice; ``group`` names what the macro mean is over
+    (``domain``, or ``task`` for multi-task data)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -51,7 +53,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         pts = [(r["iteration"], r[key]) for r in evals if key in r]
         axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set_xlabel("iteration")
-    axes[1].set_title("mean Dice (macro over domains)")
+    axes[1].set_title(f"mean Dice (macro over {group}s)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     out = run_dir / "curves.png"

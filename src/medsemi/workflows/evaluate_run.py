@@ -74,7 +74,7 @@ def evaluate_run(
             family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
-    plot_curves(run_dir)
+    plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "report.md").write_text(render_report(cfg, results, family))
     return results
