@@ -252,3 +252,12 @@ def test_released_preset_keeps_adam_across_stages(tmp_path):
     tr.fit(stop_after=4)  # stage 1 (3 steps) and the first stage-2 step
     first = next(iter(tr.student.parameters()))
     assert tr.optimizer.state[first]["step"].item() == 4  # one Adam throughout, as train.py's main
+
+
+def test_cli_evaluates_a_model_file(run, tmp_path, capsys):
+    tr, run_dir = run
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(run_dir / "checkpoints" / "iter_2.pt"), "eval.surface_metrics=never",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "eval.json").read_text())["iter_2"]["iteration"] == 2
+    assert "iter_2: model file" in capsys.readouterr().out
