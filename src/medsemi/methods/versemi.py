@@ -189,9 +189,10 @@ class VerSemi(Method):
         if not 0.0 <= o.stage1_fraction <= 1.0 or o.stage1_iterations < 0:
             raise ValueError("method.stage1_fraction must be in [0, 1] and stage1_iterations >= 0")
         self.weights = LossWeights(o.w_sup, o.w_chaos, o.w_spec, o.w_unsup, o.w_cons, o.rampup_epochs)
-        student.bn_update_per_query = o.bn_update_per_query
-        if teacher is not None:
-            teacher.bn_update_per_query = o.bn_update_per_query
+        # the option turns the replay on; a network built with it on (nets/task_prompted.py) keeps it on
+        for net in (student, teacher):
+            if net is not None:
+                net.bn_update_per_query = o.bn_update_per_query or bool(getattr(net, "bn_update_per_query", False))
         if o.init_checkpoint:
             _load_init(student, o.init_checkpoint)
 
