@@ -1,4 +1,5 @@
-"""The one entry point: ``medsemi train | evaluate | predict | score | data | methods | bench | demo``."""
+"""The one entry point: ``medsemi train | evaluate | predict | import-checkpoint | score | data | methods | bench |
+demo``."""
 
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.config:
             raise SystemExit("medsemi train: give a CONFIG file (or --resume RUN_DIR)")
-        cfg = load_config(args.config, args.overrides)
+        notes: list[str] = []
+        cfg = load_config(args.config, args.overrides, notes)
+        for note in notes:
+            print(f"note: {note}")
         run_dir = _run_dir(cfg, args.run_dir)
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     if ddp.is_main_process():
@@ -52,11 +56,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medsemi.evaluation.report import CHECKPOINTS
     from medsemi.workflows.evaluate_run import evaluate_run
 
+    if Path(args.run_dir).is_file():  # one model checkpoint (iter_<k>.pt, an imported one, ...)
+        from medsemi.workflows.evaluate_run import evaluate_model_file
+
+        out_file = args.out or str(Path(args.run_dir).with_name(Path(args.run_dir).stem + "_eval"))
+        evaluate_model_file(args.run_dir, args.overrides, device=args.device, out_dir=out_file)
+        print((Path(out_file) / "report.md").read_text())
+        return 0
     which = tuple(args.checkpoint) if args.checkpoint else tuple(CHECKPOINTS)
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     out = args.out or args.run_dir
     evaluate_run(args.run_dir, which=which, device=args.device, cfg=cfg, out_dir=out)
     print((Path(out) / "report.md").read_text())
+    return 0
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from medsemi.config import load_config
+    from medsemi.workflows.import_checkpoint import import_checkpoint
+
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    out = import_checkpoint(args.kind, args.original, args.out, cfg)
+    print(f"wrote {out}; use it with `medsemi predict {out} ...` or `medsemi evaluate {out} data.root=...`")
     return 0
 
 
@@ -144,7 +165,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench_compare(args: argparse.Namespace) -> int:
     from medsemi.workflows.compare import compare_methods
 
-    compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides)
+    compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides, args.references)
     return 0
 
 
@@ -169,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoints per domain, write report.md + eval.json")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or one model checkpoint file (iter_<k>.pt, an imported "
+                   "checkpoint; its stored config plus the overrides; report in <file>_eval/ unless --out)")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.bn_adaptation=true eval.hd95=max_directed")
     p.add_argument("--out", help="where to write report.md / eval.json (default: RUN_DIR)")
     p.add_argument("--checkpoint", action="append",
-                   choices=["best_test", "best_val", "last_student", "last_teacher"],
+                   choices=["best_test", "best_test_stage1", "best_val", "last_student", "last_teacher"],
                    help="which checkpoint(s) (default: all present)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_evaluate)
@@ -185,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import-checkpoint", help="convert an original method's checkpoint into a medsemi model "
+                       "checkpoint (for predict / evaluate)")
+    p.add_argument("kind", choices=["versemi"], help="whose checkpoint: versemi (train.py's <epoch>.pth / best.pth)")
+    p.add_argument("original", help="the original .pth (read with torch.load(weights_only=True))")
+    p.add_argument("out", help="the medsemi checkpoint to write (must not exist)")
+    p.add_argument("--config", help="experiment config the model belongs to (default: the paper's VerSemi setting)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of --config")
+    p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser("score", help="score a folder of predicted masks against ground truth (evaluate_folder)")
     p.add_argument("pred_dir")
@@ -235,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="supervised,ustrun")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--references", help="published numbers to print beside ours when the setting matches "
+                   "(default: benchmarks/reference_results.yaml of the checkout)")
     p.set_defaults(func=cmd_bench_compare)
 
     p = sub.add_parser("demo", help="supervised vs UST-RUN on the embedded synthetic data (CPU, a few minutes)")
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"medsemi {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -78,6 +78,7 @@ class TrainSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every: int = 500  # also the "epoch" length of spec 1.3
     checkpoint_every: int = 500
+    keep_every: int = 0  # > 0: also keep the student as checkpoints/iter_<k>.pt every keep_every iterations
     log_every: int = 20
     deterministic: bool = False
     progress_bar: bool = True
@@ -100,6 +101,18 @@ class EvalSection:
     # AdaBN-style evaluation: BN statistics re-estimated per test domain on that domain's unlabelled
     # training images (evaluation/adabn.py). Not the papers' protocol; off by default.
     bn_adaptation: bool = False
+    # precision of the periodic evaluation that picks best_*.pt: "off" = fp32, as the originals (their
+    # test() runs outside autocast); "train" = the training autocast (train.amp). The final report is fp32.
+    amp: str = "off"
+    # smoothed Dice (the selection score) when prediction and ground truth are both empty: "ust" = 0,
+    # "midss" = 1/1.001; "auto" = the method's own rule (MiDSS: midss; UST-RUN and the rest: ust; spec 3.4)
+    smoothed_empty_rule: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("off", "train"):
+            raise ConfigError(f"eval.amp must be off or train, got {self.amp!r}")
+        if self.smoothed_empty_rule not in ("auto", "ust", "midss"):
+            raise ConfigError(f"eval.smoothed_empty_rule must be auto, ust or midss, got {self.smoothed_empty_rule!r}")
 
 
 @dataclass
@@ -164,6 +177,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted off / on as a bool: train.amp=off, lq_mode=off
+            return "on" if value else "off"
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
@@ -193,9 +208,56 @@ def _method_options(raw: dict | None) -> Any:
     return _from_dict(method_cls.Options, raw, "method")
 
 
-def config_from_dict(raw: dict) -> Config:
+def apply_preset(raw: dict, method_raw: dict) -> list[str]:
+    """Fill in the settings of ``method.preset`` (``paper`` | ``released``) that the config does not set.
+
+    Resolution rule: a key written in the YAML file or given as an override always wins; the preset only
+    supplies the keys left out (its table is ``Method.presets``: ``method.*`` options and ``train.*`` values
+    such as ``train.amp``, which the method itself cannot see). Without ``method.preset`` the method's
+    options default applies (``paper``). Mutates ``raw`` / ``method_raw`` (copies made by the caller) and
+    returns one note per explicit key that differs from the preset (the key kept its explicit value).
+    """
+    from medsemi.methods.registry import get_method  # late import: methods import config types
+
+    method_cls = get_method(method_raw.get("name", "supervised"))
+    field_names = {f.name: f for f in dataclasses.fields(method_cls.Options)}
+    if "preset" not in field_names:
+        if "preset" in method_raw:
+            raise ConfigError(f"method.preset: method {method_cls.name!r} has no presets "
+                              "(ustrun, midss, versemi and versemi_supervised have paper | released)")
+        return []
+    preset = method_raw.get("preset", field_names["preset"].default)
+    if preset not in method_cls.presets:
+        raise ConfigError(f"method.preset must be one of {sorted(method_cls.presets)} for method "
+                          f"{method_cls.name!r}, got {preset!r}")
+    notes = []
+    for section, values in method_cls.presets[preset].items():
+        if section == "method":
+            target = method_raw
+        else:
+            node = raw.get(section)
+            if node is not None and not isinstance(node, dict):
+                raise ConfigError(f"{section}: expected a mapping, got {node!r}")
+            target = raw[section] = dict(node or {})
+        for key, value in values.items():
+            if key not in target:
+                target[key] = value
+            elif target[key] != value:
+                notes.append(f"{section}.{key}={target[key]!r} is set explicitly and wins over "
+                             f"method.preset={preset} ({section}.{key}={value!r})")
+    return notes
+
+
+def config_from_dict(raw: dict, notes: list[str] | None = None) -> Config:
+    """A validated :class:`Config` from a plain mapping; ``method.preset`` is resolved first
+    (:func:`apply_preset`); ``notes`` (when given) receives one line per explicit key that overrides an
+    explicitly chosen preset (``medsemi train`` prints them)."""
     raw = dict(raw or {})
-    method_raw = raw.pop("method", None)
+    method_raw = dict(raw.pop("method", None) or {"name": "supervised"})
+    explicit = "preset" in method_raw
+    found = apply_preset(raw, method_raw)
+    if notes is not None and explicit:
+        notes.extend(found)
     cfg = _from_dict(Config, raw, "")
     cfg.method = _method_options(method_raw)
     return cfg
@@ -225,8 +287,14 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config, apply dotted overrides, and validate every key and type."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, notes: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, resolve ``method.preset`` and validate every key and type
+    (``notes``: see :func:`config_from_dict`)."""
+    return config_from_dict(read_raw_config(path, overrides), notes)
+
+
+def read_raw_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
+    """The YAML mapping of ``path`` with the dotted overrides applied, not yet validated."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -238,9 +306,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    return apply_overrides(raw, overrides)
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Set dotted ``key=value`` overrides in a raw config mapping (in place; returned for chaining)."""
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
-    return config_from_dict(raw)
+    return raw
 
 
 def config_to_dict(cfg: Config) -> dict:

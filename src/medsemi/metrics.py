@@ -106,14 +106,18 @@ class MetricPolicy:
 DEFAULT_POLICY = MetricPolicy()
 
 
-def policy_from_eval(section: Any) -> MetricPolicy:
+def policy_from_eval(section: Any, method_rule: SmoothedRule = "ust") -> MetricPolicy:
     """The policy an ``eval`` config section asks for (``both_empty_score``, ``empty_prediction_penalty``,
-    ``gt_empty_policy``, ``hd95``); duck-typed so that this leaf module needs no config import."""
+    ``gt_empty_policy``, ``hd95``, ``smoothed_empty_rule``); duck-typed so that this leaf module needs no
+    config import. ``smoothed_empty_rule: auto`` (or a section without the key) takes ``method_rule``, the
+    rule the trained method declares (``Method.smoothed_empty_rule``)."""
+    rule = getattr(section, "smoothed_empty_rule", "auto")
     return MetricPolicy(
         both_empty_dice=section.both_empty_score,
         both_empty_jaccard=section.both_empty_score,
         empty_pred_distance=section.empty_prediction_penalty,
         empty_gt_distance=section.empty_prediction_penalty if section.gt_empty_policy == "penalty" else None,
+        smoothed_empty_rule=method_rule if rule == "auto" else rule,
         hd95_definition=section.hd95,
     )
 
@@ -433,11 +437,13 @@ def aggregate(records: Sequence[dict], dice_key: str = "dice") -> dict:
     }
 
 
-def format_table(result: dict, metrics: Sequence[str] | None = None, digits: int = 4) -> str:
+def format_table(
+    result: dict, metrics: Sequence[str] | None = None, digits: int = 4, group: str = "domain"
+) -> str:
     """Markdown table of an :func:`aggregate` result: one row per (domain, class), then macro rows.
 
     Cells are ``mean ± sd``; ``n`` is the number of cases, skipped (NaN) values are listed per
-    cell as ``(k skipped)``.
+    cell as ``(k skipped)``. ``group``: what the rows are (``domain``; ``task`` for multi-task data).
     """
     classes = list(result["macro"])
     names = list(metrics) if metrics is not None else list(next(iter(result["macro"].values()), {}))
@@ -450,7 +456,7 @@ def format_table(result: dict, metrics: Sequence[str] | None = None, digits: int
         return text + (f" ({n_skip} skipped)" if n_skip else "")
 
     counts = result["counts"]
-    lines = ["| domain | class | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    lines = [f"| {group} | class | n | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for dom, per_class in result["per_domain"].items():
         for c in classes:
             cells = [
@@ -473,7 +479,7 @@ def format_table(result: dict, metrics: Sequence[str] | None = None, digits: int
             for m in names
         ]
         lines.append(
-            f"| **macro ({n_dom} domains)** | {c} | {sum(counts['cases'].values())} | "
+            f"| **macro ({n_dom} {group}s)** | {c} | {sum(counts['cases'].values())} | "
             + " | ".join(cells)
             + " |"
         )
@@ -481,12 +487,12 @@ def format_table(result: dict, metrics: Sequence[str] | None = None, digits: int
     lines.append("| **mean over classes** | all | | " + " | ".join(mean_cells) + " |")
     lines.append("")
     key = result.get("selection_metric", "dice")
-    lines.append(f"Model-selection score, mean {key} (macro over domains, mean over classes): "
+    lines.append(f"Model-selection score, mean {key} (macro over {group}s, mean over classes): "
                  f"{fmt(result['mean_dice'])}")
     lines.append(
-        "Macro = mean over domains of per-domain means; ± is the SD over cases (domain rows) or over "
-        "domain means (macro rows). (k skipped) = NaN values left out: cases (domain rows) or "
-        "domains (macro rows); see MetricPolicy for the empty-mask rules."
+        f"Macro = mean over {group}s of per-{group} means; ± is the SD over cases ({group} rows) or over "
+        f"{group} means (macro rows). (k skipped) = NaN values left out: cases ({group} rows) or "
+        f"{group}s (macro rows); see MetricPolicy for the empty-mask rules."
     )
     return "\n".join(lines) + "\n"
 

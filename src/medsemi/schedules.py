@@ -28,9 +28,12 @@ def sigmoid_rampup(current: float, length: float) -> float:
 
 
 def consistency_weight(step: int, max_steps: int, ramp_epochs: int = 200) -> float:
-    """UST/MiDSS weight ``w``: ``e = floor(k / (max/200))`` clipped to [0, 200], ``w = rampup(e)``.
+    """UST/MiDSS weight ``w``: ``e = k // (max/200)`` clipped to [0, 200], ``w = rampup(e)``.
 
-    Values: 0.0067 at k = 0, 0.287 at mid-training, 0.9999 at the last step (spec 1.5).
+    ``e`` is Python's float floor division, as the original computes it (``iter_num // (max_iterations
+    / 200)``, spec addendum "Ramp rounding"); it differs from ``floor(k / (max/200))`` when ``max/200`` is
+    not exact (max 1005, k 201: 39 versus 40). Values: 0.0067 at k = 0, 0.287 at mid-training, 0.9999 at
+    the last step (spec 1.5).
     """
-    epoch = math.floor(step / (max_steps / ramp_epochs))
+    epoch = int(step // (max_steps / ramp_epochs))
     return sigmoid_rampup(min(max(epoch, 0), ramp_epochs), ramp_epochs)

@@ -106,7 +106,7 @@ class Trainer:
         method_cls: type[Method] = get_method(cfg.method.name)
         student = build_model(cfg.model, info).to(self.device)
         teacher = None
-        if method_cls.uses_teacher:
+        if method_cls.wants_teacher(cfg.method):
             teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
             teacher.requires_grad_(False)
         if cfg.model.channels_last:
@@ -194,7 +194,7 @@ class Trainer:
         if self.main:
             save_atomic(self._state(), self.run_dir / "checkpoints" / "last.pt")
 
-    def _save_model(self, name: str, score: float) -> None:
+    def _save_model(self, name: str, score: float | None) -> None:
         if self.main:
             save_atomic(
                 {
@@ -280,7 +280,8 @@ class Trainer:
         nets = {"student": unwrap(self.student)}
         if self.method.teacher is not None and self.cfg.eval.evaluate_teacher:
             nets["teacher"] = self.method.teacher
-        return self.family.evaluate(nets, self.cfg, self.device, surface=surface, amp=self.amp)
+        amp = self.amp if self.cfg.eval.amp == "train" else "off"  # fp32 by default, as the originals
+        return self.family.evaluate(nets, self.cfg, self.device, surface=surface, amp=amp)
 
     def _periodic_eval(self) -> None:
         surface = self.cfg.eval.surface_metrics == "every"
@@ -293,13 +294,18 @@ class Trainer:
                     record[f"{split}_{role}_dice_{domain}"] = float(
                         np.nanmean([v["dice"] for v in classes.values()])
                     )
+        # the model evaluated here was trained by steps 0 .. iteration-1: its stage is that of the last step
+        suffix = self.method.best_suffix(Progress(self.iteration - 1, self.cfg.train.iterations,
+                                                  self.cfg.train.eval_every))
         for split in ("test", "val"):  # the papers' best-on-test, and best-on-validation
             if split in result:
+                key = split + suffix
+                best = self.best.setdefault(key, {"score": -math.inf, "iteration": -1})
                 score = result[split]["student"]["mean_dice"]
-                if score > self.best[split]["score"]:
-                    self.best[split] = {"score": score, "iteration": self.iteration}
-                    self._save_model(f"best_{split}.pt", score)
-                record[f"best_{split}_dice"] = self.best[split]["score"]
+                if score > best["score"]:
+                    self.best[key] = best = {"score": score, "iteration": self.iteration}
+                    self._save_model(f"best_{key}.pt", score)
+                record[f"best_{key}_dice"] = best["score"]
         self._log(record)
 
     def fit(self, stop_after: int | None = None) -> None:
@@ -342,6 +348,8 @@ class Trainer:
                     self._periodic_eval()
                 if self.iteration % tr.checkpoint_every == 0 or self.iteration == tr.iterations:
                     self.save_checkpoint()
+                if tr.keep_every > 0 and self.iteration % tr.keep_every == 0:  # numbered model checkpoints
+                    self._save_model(f"iter_{self.iteration}.pt", None)
                 if stop_after is not None and steps_done >= stop_after:
                     self._stop = True
             if self._stop and self.iteration < tr.iterations:

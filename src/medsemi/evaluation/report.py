@@ -17,14 +17,19 @@ from medsemi.evaluation.evaluate import overlay, predict_labels
 from medsemi.metrics import format_table
 
 CHECKPOINTS = {
-    "best_test": ("best_test.pt", "student selected on the test set every eval (the papers' protocol)"),
+    "best_test": ("best_test.pt", "student selected on the test set every eval (the papers' protocol; "
+                  "two-stage VerSemi: the stage-2 best)"),
+    "best_test_stage1": ("best_test_stage1.pt", "two-stage VerSemi: student selected on the test set during "
+                         "stage 1 (the original keeps a best per stage)"),
     "best_val": ("best_val.pt", "student selected on the validation split (honest protocol)"),
     "last_student": ("last.pt", "student at the last iteration"),
     "last_teacher": ("last.pt", "EMA teacher at the last iteration"),
 }
 
 
-def plot_curves(run_dir: Path) -> Path | None:
+def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
+    """``curves.png``: training losses and evaluation Dice; ``group`` names what the macro mean is over
+    (``domain``, or ``task`` for multi-task data)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -48,7 +53,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         pts = [(r["iteration"], r[key]) for r in evals if key in r]
         axes[1].plot(*zip(*pts), marker="o", label=key)
     axes[1].set_xlabel("iteration")
-    axes[1].set_title("mean Dice (macro over domains)")
+    axes[1].set_title(f"mean Dice (macro over {group}s)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     out = run_dir / "curves.png"
@@ -85,12 +90,15 @@ def _fmt(value: float) -> str:
 
 def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
     """``report.md`` of an evaluated run; ``splits`` is the dataset family (``info``, ``summary()``)."""
+    tasks = splits.info.extra.get("tasks")  # multi-task volume data has tasks, not a labelled domain
+    setting = (f"Tasks {', '.join(tasks.values())}" if tasks else f"Labelled domain {cfg.data.lb_domain}")
     lines = [
         f"# {cfg.name}: {cfg.method.name} on {splits.info.name}",
         "",
-        f"Labelled domain {cfg.data.lb_domain}, splits {json.dumps(splits.summary())}.",
-        "Metrics per image and class, averaged per domain, then macro over domains "
-        "(HD95/ASD in pixels; policies in the README).",
+        f"{setting}, splits {json.dumps(splits.summary())}.",
+        ("Metrics per case and class, averaged per task, then macro over tasks (HD95/ASD in voxels; "
+         "policies in the README)." if tasks else "Metrics per image and class, averaged per domain, then "
+         "macro over domains (HD95/ASD in pixels; policies in the README)."),
         *(["**BatchNorm statistics re-estimated per test domain on its unlabelled training images "
            "(eval.bn_adaptation, AdaBN; not the papers' protocol).**"] if cfg.eval.bn_adaptation else []),
         "",
@@ -104,6 +112,8 @@ def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
             f"| {_fmt(m.get('hd95'))} | {_fmt(m.get('asd'))} |"
         )
     for which, res in results.items():
-        lines += ["", f"## {which}: {CHECKPOINTS[which][1]}", "", format_table(res, ("dice", "jaccard", "hd95", "asd"))]
+        about = CHECKPOINTS[which][1] if which in CHECKPOINTS else f"model file {res.get('file', which)}"
+        lines += ["", f"## {which}: {about}", "", format_table(res, ("dice", "jaccard", "hd95", "asd"),
+                                                                  group="task" if tasks else "domain")]
     lines += ["", "![curves](curves.png)", ""]
     return "\n".join(lines)

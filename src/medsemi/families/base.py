@@ -17,10 +17,18 @@ from torch import nn
 
 from medsemi.config import Config
 from medsemi.data.contract import DatasetInfo
+from medsemi.methods.registry import get_method
+from medsemi.metrics import MetricPolicy, policy_from_eval
 
 
 class DataError(ValueError):
     """The data on disk cannot be used; the message names the files and the problems."""
+
+
+def eval_policy(cfg: Config) -> MetricPolicy:
+    """The metric policy of the ``eval`` section; ``eval.smoothed_empty_rule: auto`` resolves to the rule
+    the configured method declares (``Method.smoothed_empty_rule``: MiDSS 1/1.001, UST-RUN 0; spec 3.4)."""
+    return policy_from_eval(cfg.eval, get_method(cfg.method.name).smoothed_empty_rule)
 
 
 class BatchSource(Protocol):

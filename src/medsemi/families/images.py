@@ -23,7 +23,7 @@ from medsemi.data.sources import PoolSource, cache_dataset
 from medsemi.evaluation.adabn import images_by_domain
 from medsemi.evaluation.evaluate import evaluate_networks
 from medsemi.evaluation.report import write_overlays
-from medsemi.metrics import policy_from_eval
+from medsemi.families.base import eval_policy
 
 
 @dataclass
@@ -81,7 +81,7 @@ class ImageFamily(Splits):
         """Per-domain metrics of every network on the test split; the ``student`` network also on the
         validation split when there is one and ``validation`` is asked for."""
         kw: dict[str, Any] = dict(
-            label_spec=self.info.label_spec, policy=policy_from_eval(cfg.eval), batch_size=cfg.eval.batch_size,
+            label_spec=self.info.label_spec, policy=eval_policy(cfg), batch_size=cfg.eval.batch_size,
             surface=surface, amp=amp, selection_metric=cfg.eval.selection_metric,
             adapt_images=self.adapt_images(cfg, device),
         )

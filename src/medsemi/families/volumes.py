@@ -18,7 +18,10 @@ evaluation is per-task sliding-window inference (spec 4.1-4.4) scored with the V
 ================  ==========  ==============================================================
 key               default     meaning
 ================  ==========  ==============================================================
-ratio             20          labelled percentage, 10 or 20 (the original hard-codes 20)
+ratio             20          labelled percentage: 10 or 20 with the shipped lists (the original
+                              hard-codes 20); any other with ``data.list_dir`` lists of that ratio
+allow_duplicates  false       accept lists that repeat case names (the first public lists balanced the
+                              tasks by duplication, spec 1.3); refused otherwise
 repeats           5           labelled dataset length = repeats x cases (spec 1.6)
 strides           [16,16,4]   sliding-window strides per axis (spec 4.2); window = patch size
 lcc               false       largest connected component after prediction (spec 4.4)
@@ -61,16 +64,16 @@ from medsemi.data.volumes.crop_source import CropSource
 from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
 from medsemi.data.volumes.sampling import CropSampler, VolumeBank
 from medsemi.evaluation.volumes import evaluate_volume_network
-from medsemi.families.base import DataError
+from medsemi.families.base import DataError, eval_policy
 from medsemi.methods.registry import get_method
-from medsemi.metrics import MetricPolicy, policy_from_eval
+from medsemi.metrics import MetricPolicy
 
 LABEL_SPEC = LabelSpec("exclusive", ("background", "foreground"))
 VOLUME_FORMATS = ("versemi", "synthetic3d")
 DEFAULT_STRIDES = (16, 16, 4)
 _OPTION_KEYS = {
     "ratio", "repeats", "strides", "lcc", "selection", "metric_policy", "sw_batch_size", "bank_device",
-    "image_dtype", "synthetic",
+    "image_dtype", "synthetic", "allow_duplicates",
 }
 _SYNTHETIC_KEYS = {"n_per_task", "size_min", "size_max", "other_prob", "seed", "test_fraction"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -140,7 +143,7 @@ class VolumeFamily:
         """VerSemi's empty-prediction rule (spec 4.3) or the ``eval`` section's rules."""
         if self.options["metric_policy"] == "versemi":
             return MetricPolicy.versemi()
-        return policy_from_eval(cfg.eval)
+        return eval_policy(cfg)
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.split.summary())
@@ -159,12 +162,17 @@ def _options(cfg: Config) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ratio": 20, "repeats": 5, "strides": list(DEFAULT_STRIDES), "lcc": False, "selection": "pancreas",
         "metric_policy": "versemi", "sw_batch_size": 4, "bank_device": "train", "image_dtype": "float32",
-        "synthetic": {},
+        "synthetic": {}, "allow_duplicates": False,
     }
     opts.update(raw)
-    if int(opts["ratio"]) not in (10, 20):
-        raise ConfigError(f"data.options.ratio must be 10 or 20, got {opts['ratio']!r}")
-    opts["ratio"] = int(opts["ratio"])
+    own_lists = cfg.data.format == "versemi" and bool(cfg.data.list_dir)
+    if not isinstance(opts["ratio"], int) or isinstance(opts["ratio"], bool) or not 0 < opts["ratio"] < 100:
+        raise ConfigError(f"data.options.ratio must be a percentage 1..99, got {opts['ratio']!r}")
+    if opts["ratio"] not in (10, 20) and not own_lists:
+        raise ConfigError(f"data.options.ratio={opts['ratio']}: the shipped lists have 10 and 20; other ratios "
+                          f"need data.list_dir with train_lab_{opts['ratio']}.txt and train_unlab_{opts['ratio']}.txt")
+    if not isinstance(opts["allow_duplicates"], bool):
+        raise ConfigError(f"data.options.allow_duplicates must be true or false, got {opts['allow_duplicates']!r}")
     strides = opts["strides"]
     if not isinstance(strides, (list, tuple)) or len(strides) != 3 or any(int(s) < 1 for s in strides):
         raise ConfigError(f"data.options.strides must be 3 positive integers, got {strides!r}")
@@ -240,7 +248,7 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
         root = Path(data.root)
         if not root.is_dir():
             raise ConfigError(f"data.root={root}: folder not found")
-        split = load_versemi_split(ratio, data.list_dir or None)
+        split = load_versemi_split(ratio, data.list_dir or None, allow_duplicates=opts["allow_duplicates"])
         if data.check:
             _check_folder(root, split)
         volumes = None
@@ -254,26 +262,37 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
     def load(names: tuple[str, ...], with_label: bool = True) -> list[Volume]:
         if volumes is not None:
             return [volumes[n] for n in names]
-        return read_cases(source, names, with_label=with_label)
+        unique = list(dict.fromkeys(names))  # a duplicated name (allow_duplicates) is read once
+        read = dict(zip(unique, read_cases(source, unique, with_label=with_label)))
+        return [read[n] for n in names]
 
     labelled = load(split.labelled)
     needs_unl = bool(getattr(cfg.method, "needs_unlabelled", True))
     needs_unl = needs_unl and get_method(cfg.method.name).uses_unlabelled
     unlabelled = load(split.unlabelled, with_label=False) if needs_unl else []
     test = {t: load(names) for t, names in split.test.items() if names}
-    p = int(data.patch_size)
-    info = DatasetInfo(
-        name=name, in_channels=1, label_spec=LABEL_SPEC, domains=tuple(TASK_NAMES.values()),
+    info = volume_info(name, int(data.patch_size), opts["strides"], bool(opts["lcc"]))
+    return VolumeFamily(info, split, labelled, unlabelled, test, opts, source)
+
+
+def volume_info(
+    name: str, patch_size: int, strides: list[int] | tuple[int, ...] = DEFAULT_STRIDES, lcc: bool = False,
+    in_channels: int = 1,
+) -> DatasetInfo:
+    """What a model trained on the volume family records about its data (``name``: versemi | synthetic3d);
+    also used for imported checkpoints, which have no data."""
+    p = int(patch_size)
+    return DatasetInfo(
+        name=name, in_channels=in_channels, label_spec=LABEL_SPEC, domains=tuple(TASK_NAMES.values()),
         patch_size=(p, p, p),
         extra={
             "tasks": {str(k): v for k, v in TASK_NAMES.items()},
             "synthetic_task": 5,
-            "strides": list(opts["strides"]),
-            "lcc": bool(opts["lcc"]),
+            "strides": [int(s) for s in strides],
+            "lcc": bool(lcc),
             "preprocessing": _preprocessing_extra(name),
         },
     )
-    return VolumeFamily(info, split, labelled, unlabelled, test, opts, source)
 
 
 def _preprocessing_extra(name: str) -> dict[str, Any]:

@@ -63,6 +63,12 @@ class Method(nn.Module):
     uses_unlabelled: ClassVar[bool] = True
     uses_teacher: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # smoothed Dice when prediction and ground truth are both empty, in this method's own evaluation code
+    # ("ust": 0, "midss": 1/1.001; spec ust-run.md 3.4); ``eval.smoothed_empty_rule: auto`` selects with it
+    smoothed_empty_rule: ClassVar[str] = "ust"
+    # ``method.preset`` -> {section: {key: value}}: what "paper" (as published) and "released" (as the public
+    # code runs) set. Config resolution (config.py) fills every key the user did not write; explicit keys win.
+    presets: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
 
     def __init__(
         self,
@@ -77,6 +83,16 @@ class Method(nn.Module):
         self.teacher = teacher
         self.info = info
         self.generator: torch.Generator | None = None  # set by the engine, saved in checkpoints
+
+    @classmethod
+    def wants_teacher(cls, options: MethodOptions) -> bool:
+        """Whether the engine builds a teacher network for these options (default: ``uses_teacher``)."""
+        return cls.uses_teacher
+
+    def best_suffix(self, progress: Progress) -> str:
+        """Suffix of the best-checkpoint names for the model trained up to ``progress`` ("" = ``best_test.pt``);
+        a method with stages that the original tracks separately returns e.g. ``"_stage1"``."""
+        return ""
 
     @property
     def label_spec(self) -> LabelSpec:

@@ -40,6 +40,8 @@ class IntermediateOptions(MethodOptions):
     # grouped: one forward per network like fused, but BatchNorm statistics and running buffers per
     # original call (nets/grouped_norm.py), equal to separate up to rounding
     forward_mode: str = "separate"
+    # paper | released: a bundle of the settings below and train.amp (Method.presets; explicit keys win)
+    preset: str = "paper"
 
     def __post_init__(self) -> None:
         if self.forward_mode not in FORWARD_MODES:

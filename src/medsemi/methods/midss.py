@@ -34,6 +34,9 @@ class MiDSS(Method):
     Options = MiDSSOptions
     uses_teacher = True
     description = "MiDSS: UCP + SymGD + TP-RAM with a fixed labelled source per unlabelled image"
+    smoothed_empty_rule = "midss"  # its metrics file leaves the empty-empty rule out: 1/1.001 (spec 3.4)
+    # released: the public code autocasts in fp16 with a GradScaler (spec addendum "AMP dtype")
+    presets = {"paper": {}, "released": {"train": {"amp": "fp16"}}}
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator

@@ -56,6 +56,12 @@ class USTRUN(Method):
     Options = USTRUNOptions
     uses_teacher = True
     description = "UST-RUN: MiDSS + reliable-sample queue + unreliable-sample all-cover mix"
+    smoothed_empty_rule = "ust"  # its metrics file returns 0 when both are empty (spec 3.4)
+    # released: the LQ forward runs and its output is discarded (spec 6 item 1); fp16 autocast + GradScaler
+    presets = {
+        "paper": {"method": {"lq_mode": "loss"}},
+        "released": {"method": {"lq_mode": "forward_only"}, "train": {"amp": "fp16"}},
+    }
 
     def __init__(self, options, student, teacher, info) -> None:
         super().__init__(options, student, teacher, info)

@@ -76,6 +76,15 @@ class VerSemiOptions(MethodOptions):
     detach_aggregate: bool = False  # stop-gradient on max_t p_t (spec N3; the code does not detach)
     compat_cons_broadcast: bool = False  # reproduce the original L_cons broadcast bug (spec N2)
     init_checkpoint: str = ""  # optional model checkpoint (best_test.pt / last.pt) to start from
+    # replay one BatchNorm running-statistics update per task query of a shared-backbone pass, so the GAP /
+    # precls_conv buffers match the original's separate forwards (spec N16); values and gradients are equal
+    bn_update_per_query: bool = False
+    # an EMA teacher (decay train.ema_decay, parameters averaged, BN buffers copied from the student) that is
+    # evaluated beside the student; the original keeps one and never uses it (spec 3.4); off by default
+    ema: bool = False
+    # paper | released: a bundle of pipeline, compat_cons_broadcast, reset_optimizer_at_stage2 and train.amp
+    # (Method.presets; explicit keys win)
+    preset: str = "paper"
 
     @property
     def stage1_only(self) -> bool:
@@ -141,6 +150,25 @@ class VerSemi(Method):
     uses_teacher = False  # the original's EMA is never used for targets or testing (spec 3.4)
     description = "VerSemi: task-prompted VNet, synthetic CutMix task, max-aggregate consistency (3D)"
     default_pipeline: ClassVar[str | None] = None
+    # released: train.py's main runs stage 1 only (N1); its stage 2, when run, keeps the one Adam of stage 1
+    # (the same optimiser object, and the stage-2 load restores it with the weights) and has the L_cons
+    # broadcast (N2); one BatchNorm update per network call (N15-N16); no autocast. paper: the two stages
+    # with the intended L_cons (spec 3.7).
+    presets = {
+        "paper": {"method": {"pipeline": "two_stage", "compat_cons_broadcast": False,
+                             "reset_optimizer_at_stage2": True}},
+        "released": {"method": {"pipeline": "released_main", "compat_cons_broadcast": True,
+                                "reset_optimizer_at_stage2": False, "bn_update_per_query": True},
+                     "train": {"amp": "off"}},
+    }
+
+    @classmethod
+    def wants_teacher(cls, options: MethodOptions) -> bool:
+        return bool(getattr(options, "ema", False))
+
+    @property
+    def teacher_keeps_own_bn_stats(self) -> bool:
+        return False  # the EMA teacher is never forwarded in training: it takes the student's BN buffers
 
     def __init__(self, options: VerSemiOptions, student: nn.Module, teacher: nn.Module | None,
                  info: DatasetInfo) -> None:
@@ -161,6 +189,10 @@ class VerSemi(Method):
         if not 0.0 <= o.stage1_fraction <= 1.0 or o.stage1_iterations < 0:
             raise ValueError("method.stage1_fraction must be in [0, 1] and stage1_iterations >= 0")
         self.weights = LossWeights(o.w_sup, o.w_chaos, o.w_spec, o.w_unsup, o.w_cons, o.rampup_epochs)
+        # the option turns the replay on; a network built with it on (nets/task_prompted.py) keeps it on
+        for net in (student, teacher):
+            if net is not None:
+                net.bn_update_per_query = o.bn_update_per_query or bool(getattr(net, "bn_update_per_query", False))
         if o.init_checkpoint:
             _load_init(student, o.init_checkpoint)
 
@@ -182,6 +214,12 @@ class VerSemi(Method):
         if p == "stage2_only":
             return "stage2"
         return "stage1" if progress.iteration < self.stage1_end(progress) else "stage2"
+
+    def best_suffix(self, progress: Progress) -> str:
+        """Two-stage runs keep a stage-1 best (``best_test_stage1.pt``) and a stage-2 best (``best_test.pt``),
+        as the original resets its best-Dice tracker when stage 2 starts (spec addendum)."""
+        two = self.options.pipeline == "two_stage"
+        return "_stage1" if two and self.stage_at(progress) == "stage1" else ""
 
     def on_stage_start(self, progress: Progress) -> bool:
         o = self.options
@@ -274,4 +312,5 @@ class VerSemiSupervised(VerSemi):
     uses_unlabelled = False
     description = "per-task supervised baseline for VerSemi (task-prompted VNet, labelled data only)"
     default_pipeline = "supervised"
+    presets = {"paper": {}, "released": {"train": {"amp": "off"}}}
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 import medsemi
-from medsemi.config import load_config
+from medsemi.config import Config, apply_overrides, config_from_dict, load_config, read_raw_config
+from medsemi.workflows.references import load_references, render_references
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -42,6 +43,21 @@ def method_overrides(method: str) -> list[str]:
     return [f"method.name={name}", *(f"method.{o}" for o in options)]
 
 
+def config_for_method(config: str | Path, method: str, overrides: list[str]) -> Config:
+    """The config of one ``--methods`` entry: the file's method section kept only where the entry's method
+    accepts the key (a ``ustrun`` config's ``lq_mode`` does not reach ``supervised``), then ``overrides``
+    (all of them: a ``method.*`` override the method lacks is an error), then the entry's own options."""
+    import dataclasses
+
+    from medsemi.methods.registry import get_method
+
+    raw = read_raw_config(config)
+    name = method.split(":")[0]
+    accepted = {f.name for f in dataclasses.fields(get_method(name).Options)}
+    raw["method"] = {k: v for k, v in dict(raw.get("method") or {}).items() if k in accepted}
+    return config_from_dict(apply_overrides(raw, [*overrides, *method_overrides(method)]))
+
+
 def run_label(method: str) -> str:
     """A file-name-safe label for a method entry (variants keep their options readable)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
@@ -53,7 +69,7 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
 
     if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
         return json.loads((run_dir / "eval.json").read_text())
-    cfg = load_config(config, [*overrides, *method_overrides(method), f"seed={seed}"])
+    cfg = config_for_method(config, method, [*overrides, f"seed={seed}"])
     cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
@@ -140,8 +156,17 @@ def bar_chart(rows: list[dict], methods: list[str], path: Path, title: str) -> N
     plt.close(fig)
 
 
+def default_references() -> Path | None:
+    """``benchmarks/reference_results.yaml`` of the repository, when the package runs from a checkout."""
+    path = Path(medsemi.__file__).resolve().parents[2] / "benchmarks" / "reference_results.yaml"
+    return path if path.is_file() else None
+
+
 def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str | Path,
-                    overrides: list[str] | None = None) -> dict:
+                    overrides: list[str] | None = None, references: str | Path | None = None) -> dict:
+    """Train every method for every seed, then write the comparison; published numbers of the same setting
+    from ``references`` (default: :func:`default_references`) are printed beside ours
+    (:mod:`medsemi.workflows.references` says when a setting matches)."""
     config = find_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -156,18 +181,22 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     per_task = base.data.format in ("versemi", "synthetic3d")
     setting = "one network for all tasks" if per_task else f"labelled domain {base.data.lb_domain}"
     parts = [f"# Comparison: {config.name} ({', '.join(overrides) or 'no overrides'}), {seeds} seed(s)", ""]
-    for protocol in ("best_test", "best_val", "last_student", "last_teacher"):
+    for protocol in ("best_test", "best_test_stage1", "best_val", "last_student", "last_teacher"):
         prot_rows = summarise(results, protocol)
         if prot_rows:
             rows += prot_rows
             parts += [render_markdown(prot_rows, methods, protocol, setting), ""]
+    ref_path = Path(references) if references else default_references()
+    published = render_references(load_references(ref_path), base, methods) if ref_path else ""
+    if published:
+        parts += [published, ""]
     (out / "comparison.md").write_text("\n".join(parts))
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     bar_chart([r for r in rows if r["protocol"] == "best_test"], methods, out / "comparison.png",
-              f"{config.stem}: Dice per test domain (best-on-test)")
+              f"{config.stem}: Dice per test {'task' if per_task else 'domain'} (best-on-test)")
     print("\n".join(parts))
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
     return {"rows": rows, "results": results}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from medsemi.checkpoints import load_checkpoint
-from medsemi.config import Config, load_config
+from medsemi.config import Config, apply_overrides, config_from_dict, load_config
 from medsemi.data.contract import DatasetInfo
 from medsemi.device import resolve_device
 from medsemi.evaluation.report import CHECKPOINTS, plot_curves, render_report
@@ -74,7 +74,38 @@ def evaluate_run(
             family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
-    plot_curves(run_dir)
+    plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
+    (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "report.md").write_text(render_report(cfg, results, family))
+    return results
+
+
+def evaluate_model_file(
+    path: str | Path, overrides: list[str] | None = None, device: str = "auto", out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate one model checkpoint file (``iter_<k>.pt``, ``best_*.pt``, an imported checkpoint) with the
+    config stored in it plus ``overrides`` (e.g. ``data.root=...``); writes ``eval.json`` and ``report.md``
+    into ``out_dir`` (default: ``<file without .pt>_eval/`` beside it)."""
+    path = Path(path)
+    state = load_checkpoint(path, map_location="cpu")
+    if "model" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a model checkpoint (best_*.pt, iter_<k>.pt or an imported one)")
+    cfg = config_from_dict(apply_overrides(dict(state["config"]), overrides))
+    out = Path(out_dir) if out_dir else path.with_name(path.stem + "_eval")
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    family = build_family(cfg)
+    model = build_model(cfg.model, family.info).to(dev)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{path}: the weights do not fit the configured network ({err})") from err
+    role = path.stem
+    surface = cfg.eval.surface_metrics != "never"
+    res = family.evaluate({role: model}, cfg, dev, surface=surface, amp="off", validation=False)["test"][role]
+    res["iteration"] = int(state.get("iteration", 0))
+    res["file"] = str(path)
+    results = {role: res}
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "report.md").write_text(render_report(cfg, results, family))
     return results

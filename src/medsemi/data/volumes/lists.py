@@ -93,15 +93,17 @@ class VerSemiSplit:
             "test_per_task": {TASK_NAMES[t]: len(v) for t, v in self.test.items()},
         }
 
-    def validate(self) -> list[str]:
-        """Problems with the split: duplicates, labelled/unlabelled overlap, train/test overlap."""
+    def validate(self, allow_duplicates: bool = False) -> list[str]:
+        """Problems with the split: duplicates (unless ``allow_duplicates``: the first public lists balanced
+        the tasks by repeating cases, spec 1.3), labelled/unlabelled overlap, train/test overlap."""
         problems: list[str] = []
         if not self.labelled:
             problems.append(f"{self.source}: no labelled cases (train_lab_{self.ratio}.txt is empty)")
         for what, names in (("labelled", self.labelled), ("unlabelled", self.unlabelled)):
             dup = sorted({n for n in names if names.count(n) > 1})
-            if dup:
-                problems.append(f"{self.source}: duplicate {what} cases {dup[:5]}")
+            if dup and not allow_duplicates:
+                problems.append(f"{self.source}: duplicate {what} cases {dup[:5]} "
+                                "(set data.options.allow_duplicates=true for duplicate-balanced lists)")
         both = sorted(set(self.labelled) & set(self.unlabelled))
         if both:
             problems.append(f"{self.source}: cases both labelled and unlabelled: {both[:5]}")
@@ -116,23 +118,27 @@ class VerSemiSplit:
 
 
 def load_versemi_split(
-    ratio: int = 20, list_dir: str | Path | None = None, *, strict: bool = True
+    ratio: int = 20, list_dir: str | Path | None = None, *, strict: bool = True, allow_duplicates: bool = False
 ) -> VerSemiSplit:
     """Load ``train_lab_<ratio>.txt``, ``train_unlab_<ratio>.txt`` and the four test lists.
 
-    ``ratio``: 10 or 20 (percent labelled; the original hard-codes 20, spec 1.3). ``list_dir``: a folder
-    with files of the same names (default: the shipped release lists). ``strict``: raise ``ValueError``
-    listing the problems of :meth:`VerSemiSplit.validate`.
+    ``ratio``: percent labelled; the shipped lists have 10 and 20 (the original hard-codes 20, spec 1.3), a
+    ``list_dir`` may hold any other ratio. ``list_dir``: a folder with files of the same names (default:
+    the shipped release lists). ``strict``: raise ``ValueError`` listing the problems of
+    :meth:`VerSemiSplit.validate` (``allow_duplicates`` passed on).
     """
-    if ratio not in RATIOS:
-        raise ValueError(f"ratio must be one of {RATIOS}, got {ratio}")
+    if list_dir is None and ratio not in RATIOS:
+        raise ValueError(f"the shipped lists have ratios {RATIOS}, got {ratio}; give a list_dir with "
+                         f"train_lab_{ratio}.txt and train_unlab_{ratio}.txt for another ratio")
+    if ratio < 1:
+        raise ValueError(f"ratio must be a positive percentage, got {ratio}")
     source = str(list_dir) if list_dir is not None else f"medsemi.data/{PACKAGE_LISTS}"
     lab = read_list(f"train_lab_{ratio}.txt", list_dir)
     unl = read_list(f"train_unlab_{ratio}.txt", list_dir)
     test = {t: tuple(read_list(f, list_dir)) for t, f in TEST_LISTS.items()}
     split = VerSemiSplit(ratio, tuple(lab), tuple(unl), test, source)
     if strict:
-        problems = split.validate()
+        problems = split.validate(allow_duplicates)
         if problems:
             raise ValueError("invalid VerSemi split:\n  " + "\n  ".join(problems))
     return split
