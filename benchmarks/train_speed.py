@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto",
                    help="autocast; auto = bf16 on CUDA, off on CPU (as train.amp=auto)")
-    p.add_argument("--channels-last", action="store_true", help="model.channels_last=true")
+    p.add_argument("--channels-last", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
+                   help="model.channels_last (default auto: on for CUDA, off on a CPU); the bare flag means true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and the floor)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list; midss/ustrun run every forward mode, or name one as ustrun:grouped")
@@ -255,8 +256,8 @@ def floor_step_fn(trainer: Trainer, calls: list[Call], device: torch.device, amp
     for net in (student, teacher):
         if net is not None:  # a plain layout: grouped norms (if any) act as BatchNorm2d
             for m in net.modules():
-                if hasattr(m, "group_sizes"):
-                    m.group_sizes = None
+                if hasattr(m, "group_layout"):
+                    m.group_layout = None
     run_student = torch.compile(student) if compile_ else student
     nets = {"student": run_student, "teacher": teacher, "student_fp": student}
     optimizer = build_optimizer(trainer.cfg, [p for p in student.parameters() if p.requires_grad])

@@ -54,6 +54,19 @@ def resolve_amp(amp: str, device: torch.device) -> str:
     return amp
 
 
+def resolve_channels_last(setting: str | bool, device: torch.device, model: nn.Module) -> torch.memory_format | None:
+    """The memory format for ``model.channels_last`` (auto | true | false): ``auto`` is channels-last for a 2D
+    network on CUDA and off otherwise (on a CPU it measured no faster; for 3D it is not measured as faster);
+    ``true`` is channels-last, or channels-last-3d for a network with 3D convolutions. ``None``: leave as is."""
+    setting = {True: "true", False: "false"}.get(setting, setting) if isinstance(setting, bool) else setting
+    is_3d = any(isinstance(m, nn.Conv3d) for m in model.modules())
+    if setting == "false" or (setting == "auto" and (device.type != "cuda" or is_3d)):
+        return None
+    if setting not in ("auto", "true"):
+        raise ValueError(f"model.channels_last must be auto, true or false, got {setting!r}")
+    return torch.channels_last_3d if is_3d else torch.channels_last
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -132,9 +145,10 @@ class Trainer:
         if method_cls.uses_teacher:
             teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
             teacher.requires_grad_(False)
-        if cfg.model.channels_last:
-            student = student.to(memory_format=torch.channels_last)
-            teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+        memory_format = resolve_channels_last(cfg.model.channels_last, self.device, student)
+        if memory_format is not None:
+            student = student.to(memory_format=memory_format)
+            teacher = teacher.to(memory_format=memory_format) if teacher is not None else None
         self.method = method_cls(cfg.method, student, teacher, info).to(self.device)
         self.method.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.student = student
