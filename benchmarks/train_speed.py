@@ -256,8 +256,8 @@ def floor_step_fn(trainer: Trainer, calls: list[Call], device: torch.device, amp
     for net in (student, teacher):
         if net is not None:  # a plain layout: grouped norms (if any) act as BatchNorm2d
             for m in net.modules():
-                if hasattr(m, "group_layout"):
-                    m.group_layout = None
+                if hasattr(m, "group_sizes"):
+                    m.group_sizes = None
     run_student = torch.compile(student) if compile_ else student
     nets = {"student": run_student, "teacher": teacher, "student_fp": student}
     optimizer = build_optimizer(trainer.cfg, [p for p in student.parameters() if p.requires_grad])

@@ -12,14 +12,7 @@ from medsemi.methods.base import Progress
 from medsemi.methods.intermediate import run_calls
 from medsemi.methods.midss import MiDSS, MiDSSOptions
 from medsemi.methods.ustrun import USTRUN, USTRUNOptions
-from medsemi.nets.grouped_norm import (
-    GroupedBatchNorm2d,
-    GroupLayout,
-    ensure_grouped_norm,
-    grouped_batches,
-    pack,
-    unpack,
-)
+from medsemi.nets.grouped_norm import GroupedBatchNorm2d, ensure_grouped_norm, grouped_batches
 from medsemi.nets.unet2d import UNet2D
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -40,28 +33,10 @@ def _grads(model):
     return {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-LAYOUTS = ["contiguous", "packed", "packed_channels_last"]
-
-
-def _grouped_call(bn, chunks, layout):
-    """Run ``bn`` once on all chunks: contiguous groups (general one-pass path), or packed as run_calls
-    does (equal leading calls interleaved: one native batch_norm, the rest after it), optionally with
-    channels-last activations (general path on the interleaved layout)."""
-    if layout == "contiguous":
-        with grouped_batches(bn, [len(c) for c in chunks]):
-            return list(bn(torch.cat(chunks)).split([len(c) for c in chunks]))
-    batch, lay = pack(chunks)
-    if layout == "packed_channels_last":
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    with grouped_batches(bn, lay):
-        return unpack(bn(batch), lay)
-
-
-@pytest.mark.parametrize("sizes", [[3, 3, 3], [2, 2, 2, 2, 2], [4, 1, 3], [2, 5, 1, 3, 2], [4, 4, 4, 4, 1],
-                                   [3, 3, 2, 1, 2], [1, 1, 1]])
+@pytest.mark.parametrize("sizes", [[3, 3, 3], [2, 2, 2, 2, 2], [4, 1, 3], [2, 5, 1, 3, 2]])
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_layer_matches_sequential_batchnorm(sizes, momentum, layout):
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_layer_matches_sequential_batchnorm(sizes, momentum, vectorise):
     torch.manual_seed(0)
     ref = nn.BatchNorm2d(5, momentum=momentum).double()
     with torch.no_grad():
@@ -73,31 +48,32 @@ def test_layer_matches_sequential_batchnorm(sizes, momentum, layout):
     grouped = copy.deepcopy(ref)
     ensure_grouped_norm(grouped)
     assert type(grouped) is GroupedBatchNorm2d
+    grouped.vectorise_equal = vectorise
     x = torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + 1
-    x_ref = [c.clone().requires_grad_(True) for c in x.split(sizes)]
-    x_grp = [c.clone().requires_grad_(True) for c in x.split(sizes)]
-    cots = [torch.randn_like(c) for c in x_ref]
-    y_ref = [ref(c) for c in x_ref]
-    y_grp = _grouped_call(grouped, x_grp, layout)
-    assert grouped.group_layout is None  # layout restored
-    for a, b in zip(y_grp, y_ref):
-        torch.testing.assert_close(a, b, **TOL)
-    sum((y * c).sum() for y, c in zip(y_ref, cots)).backward()
-    sum((y * c).sum() for y, c in zip(y_grp, cots)).backward()
-    for a, b in zip(x_grp, x_ref):
-        torch.testing.assert_close(a.grad, b.grad, **TOL)
+    x_ref, x_grp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    cot = torch.randn_like(x)
+    y_ref = torch.cat([ref(c) for c in x_ref.split(sizes)])
+    with grouped_batches(grouped, sizes):
+        y_grp = grouped(x_grp)
+    assert grouped.group_sizes is None  # layout restored
+    torch.testing.assert_close(y_grp, y_ref, **TOL)
+    (y_ref * cot).sum().backward()
+    (y_grp * cot).sum().backward()
+    torch.testing.assert_close(x_grp.grad, x_ref.grad, **TOL)
     torch.testing.assert_close(grouped.weight.grad, ref.weight.grad, **TOL)
     torch.testing.assert_close(grouped.bias.grad, ref.bias.grad, **TOL)
     _assert_same(_buffers(grouped), _buffers(ref), "buffers")
     assert int(grouped.num_batches_tracked) == 3 + len(sizes)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_running_var_uses_unbiased_group_variance(layout):
+@pytest.mark.parametrize("vectorise", [False, True])
+def test_running_var_uses_unbiased_group_variance(vectorise):
     """Hand-computed check, independent of nn.BatchNorm2d: one update per group, unbiased variance."""
     bn = GroupedBatchNorm2d(1, momentum=0.5).double()
+    bn.vectorise_equal = vectorise
     x = torch.tensor([1.0, 3.0, 10.0, 14.0], dtype=torch.float64).view(4, 1, 1, 1)
-    y = torch.cat(_grouped_call(bn, list(x.split([2, 2])), layout))
+    with grouped_batches(bn, [2, 2]):
+        y = bn(x)
     # group means 2, 12; unbiased variances 2, 8; r = 0.5 (0.5 * 0 + 0.5 * 2) + 0.5 * 12 = 6.5
     torch.testing.assert_close(bn.running_mean, torch.tensor([6.5], dtype=torch.float64))
     # var: 0.5 (0.5 * 1 + 0.5 * 2) + 0.5 * 8 = 4.75
@@ -106,29 +82,6 @@ def test_running_var_uses_unbiased_group_variance(layout):
         torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64) + bn.eps) * torch.tensor([1.0, 1.0, 2.0, 2.0],
                                                                                           dtype=torch.float64)
     torch.testing.assert_close(y.view(-1), expected)
-
-
-def test_pack_interleaves_leading_equal_calls():
-    xs = [torch.full((2, 1, 1, 1), float(g)) for g in range(3)] + [torch.full((1, 1, 1, 1), 9.0)]
-    batch, layout = pack(xs)
-    assert layout == GroupLayout((2, 2, 2, 1), 3)
-    assert batch.view(-1).tolist() == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 9.0]
-    assert layout.group_of_row == (0, 1, 2, 0, 1, 2, 3)
-    assert [t.view(-1).tolist() for t in unpack(batch, layout)] == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [9.0]]
-    assert pack([torch.zeros(1), torch.zeros(2)])[1] == GroupLayout((1, 2), 0)
-
-
-def test_low_precision_input_keeps_float32_statistics():
-    """bf16 activations (autocast on a GPU): the general path computes in float32 and returns bf16."""
-    torch.manual_seed(4)
-    ref, bn = nn.BatchNorm2d(3), GroupedBatchNorm2d(3)
-    x = torch.randn(6, 3, 4, 4).to(torch.bfloat16)
-    with grouped_batches(bn, [4, 2]):
-        y = bn(x)
-    assert y.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.float32
-    expected = torch.cat([ref(c.float()) for c in x.split([4, 2])])
-    torch.testing.assert_close(y.float(), expected, rtol=0, atol=2e-2)
-    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_behaviour_without_layout_and_in_eval():
@@ -168,15 +121,13 @@ def test_ensure_grouped_norm_keeps_parameter_objects():
     assert ensure_grouped_norm(net) == 0
 
 
-@pytest.mark.parametrize("sizes,channels_last", [([4, 4, 4], False), ([3, 3, 3, 3], True),
-                                                 ([4, 4, 4, 4, 1], False), ([4, 4, 4, 4, 1], True),
-                                                 ([2, 4, 3], False)])
-def test_unet_grouped_forward_equals_separate_calls(sizes, channels_last):
+@pytest.mark.parametrize("sizes,vectorise", [([4, 4, 4], False), ([4, 4, 4], True), ([3, 3, 3, 3], True),
+                                            ([4, 4, 4, 4, 1], False), ([2, 4, 3], False)])
+def test_unet_grouped_forward_equals_separate_calls(sizes, vectorise, monkeypatch):
+    monkeypatch.setattr(GroupedBatchNorm2d, "vectorise_equal", vectorise)
     torch.manual_seed(2)
     ref = UNet2D(3, 2, 4).double().train()
     grouped = copy.deepcopy(ref)
-    if channels_last:
-        grouped = grouped.to(memory_format=torch.channels_last)
     xs = [torch.randn(s, 3, 32, 32, dtype=torch.float64) for s in sizes]
     cots = [torch.randn(s, 2, 32, 32, dtype=torch.float64) for s in sizes]
     out_ref = run_calls(ref, xs, "separate")

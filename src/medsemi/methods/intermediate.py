@@ -14,7 +14,7 @@ from torch import nn
 from medsemi.data.contract import LabelSpec
 from medsemi.losses import seg_loss
 from medsemi.methods.base import MethodOptions
-from medsemi.nets.grouped_norm import ensure_grouped_norm, grouped_batches, pack, unpack
+from medsemi.nets.grouped_norm import ensure_grouped_norm, grouped_batches
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label, symgd_fuse
 from medsemi.ops.tpram import amplitude_mix, sample_ratios
@@ -59,15 +59,15 @@ def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[tor
                          f"got {mode!r}")
     if mode == "separate" or len(inputs) == 1:
         return [net(x) for x in inputs]
+    sizes = [len(x) for x in inputs]
     if mode == "fused":
-        return list(net(torch.cat(inputs)).split([len(x) for x in inputs]))
+        return list(net(torch.cat(inputs)).split(sizes))
     if not getattr(net, "_grouped_norm_ready", False):
         ensure_grouped_norm(net)
         net._grouped_norm_ready = True
-    batch, layout = pack(inputs)  # equal-size calls interleaved: one native BatchNorm for all of them
-    with grouped_batches(net, layout):
-        out = net(batch)
-    return unpack(out, layout)
+    with grouped_batches(net, sizes):
+        out = net(torch.cat(inputs))
+    return list(out.split(sizes))
 
 
 def style_shift(source: torch.Tensor, style: torch.Tensor, fraction: float, opts: IntermediateOptions,
