@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -130,6 +131,44 @@ class CropSource:
         return len(self.sampler)
 
 
+class LazyCropSource:
+    """A :class:`CropSource` built on its first ``next()``: the unlabelled crop bank of a two-stage run
+    is neither gathered (no device memory) nor drawn from during stage 1, which never reads it. Until
+    then its state is the untouched stream's (epoch 0, position 0), so checkpoints resume exactly."""
+
+    def __init__(self, build: Callable[[], CropSource]) -> None:
+        self._build = build
+        self.source: CropSource | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _get(self) -> CropSource:
+        if self.source is None:
+            self.source = self._build()
+            if self._pending is not None:
+                self.source.load_state_dict(self._pending)
+        return self.source
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return self._get().next()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.source is None:
+            return self._pending if self._pending is not None else {"epoch": 0, "position": 0, "generator": None}
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.source is None and int(state["epoch"]) == 0 and int(state["position"]) == 0:
+            self._pending = state  # still untouched: stay unbuilt
+            return
+        self._get().load_state_dict(state)
+
+    def __bool__(self) -> bool:  # a source is truthy without being built (``if source:`` must not build it)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 # --------------------------------------------------------------------------- splits object
 @dataclass
 class VerSemiSplits:
@@ -170,13 +209,21 @@ class VerSemiSplits:
             raise ConfigError(
                 f"{self.source}: the method uses unlabelled data but the unlabelled list is empty"
             )
-        unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
-                              image_dtype=dtype)
-        unlabelled = CropSource(CropSampler(
-            unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
-            seed=base_seed + 3, rank=rank, world_size=world,
-        ))
-        return labelled, unlabelled
+        if len(self.unlabelled_volumes) < cfg.train.unlabelled_batch_size * world:  # checked now, built later
+            raise ConfigError(
+                f"{self.source}: {len(self.unlabelled_volumes)} unlabelled cases cannot fill one batch of "
+                f"train.unlabelled_batch_size={cfg.train.unlabelled_batch_size} per rank; lower it or add cases"
+            )
+
+        def build_unlabelled() -> CropSource:
+            unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
+                                  image_dtype=dtype)
+            return CropSource(CropSampler(
+                unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
+                seed=base_seed + 3, rank=rank, world_size=world,
+            ))
+
+        return labelled, LazyCropSource(build_unlabelled)
 
     # -- engine hook 2: evaluation --------------------------------------------------------------
     def evaluate(

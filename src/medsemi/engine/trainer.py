@@ -320,7 +320,8 @@ class Trainer:
         if self.method.on_stage_start(progress):
             self.optimizer = build_optimizer(self.cfg, self.method.trainable_parameters())
         labelled = self.labelled.next()
-        unlabelled = self.unlabelled.next() if self.unlabelled is not None else None
+        draw = self.unlabelled is not None and self.method.uses_unlabelled_at(progress)
+        unlabelled = self.unlabelled.next() if draw else None
         with autocast_for(self.device, self.amp):
             out = self.method.train_step(labelled, unlabelled, progress)
         self.optimizer.zero_grad(set_to_none=True)
