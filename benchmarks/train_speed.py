@@ -344,6 +344,8 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
         with record_calls(trainer.method) as calls:  # eager first step (converts grouped norms too)
             method_step(0)
         res.calls = [c.__dict__ | {"shape": list(c.shape)} for c in calls]
+        if args.compile and trainer.method.compile_blocker():  # as Trainer refuses train.compile=true
+            raise RuntimeError(f"train.compile does not work here: {trainer.method.compile_blocker()}")
         if args.compile:  # as Trainer does with train.compile=true, after the eager step
             trainer.method.student = torch.compile(trainer.student)
         if device.type == "cuda":

@@ -70,8 +70,10 @@ def test_versemi_speed_tiny_run(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "v.json"
-    result = module.main(["--size", "32", "--base-filters", "2", "--batch", "1", "--queries", "3",
-                          "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    result = module.main(["--size", "32", "--base-filters", "2", "--batch", "2", "--queries", "3",
+                          "--iters", "1", "--warmup", "0", "--device", "cpu", "--channels-last", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["ms_shared"] > 0 and saved["ms_naive"] > 0
+    assert saved["ms_stage1"] > 0 and saved["ms_stage2"] > 0 and saved["settings"]["channels_last"] is True
+    assert saved["it_per_s_stage1"] == pytest.approx(1000.0 / saved["ms_stage1"])
     assert saved["speedup"] == pytest.approx(result["ms_naive"] / result["ms_shared"])

@@ -38,9 +38,9 @@ The crop size is ``data.patch_size`` (96 in the paper). The training batch size 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np

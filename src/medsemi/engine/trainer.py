@@ -153,6 +153,9 @@ class Trainer:
         self.method.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.student = student
         if cfg.train.compile:
+            blocker = self.method.compile_blocker()
+            if blocker:
+                raise ConfigError(f"train.compile=true does not work with method {cfg.method.name}: {blocker}")
             self.method.student = torch.compile(student)
         self._broadcast_from_main()
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())

@@ -19,6 +19,9 @@ from medsemi.methods.intermediate import (
     total_loss,
     ucp_pairs,
 )
+from medsemi.methods.intermediate import (
+    compile_blocker as intermediate_compile_blocker,
+)
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
 
@@ -34,6 +37,9 @@ class MiDSS(Method):
     Options = MiDSSOptions
     uses_teacher = True
     description = "MiDSS: UCP + SymGD + TP-RAM with a fixed labelled source per unlabelled image"
+
+    def compile_blocker(self) -> str | None:
+        return intermediate_compile_blocker(self.options)
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator
