@@ -209,7 +209,7 @@ def test_compile_refused_with_a_reason_where_it_cannot_work(tmp_path, tiny_overr
     from medsemi.config import ConfigError
 
     cfg = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true")
-    with pytest.raises(ConfigError, match="train.compile=true does not work with method unimatch.*feature_perturbation"):
+    with pytest.raises(ConfigError, match="does not work with method unimatch.*feature_perturbation"):
         Trainer(cfg, tmp_path / "run")
     off = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true", "method.feature_perturbation=false")
     assert Trainer(off, tmp_path / "run2").method.compile_blocker() is None
