@@ -88,6 +88,8 @@ class Result:
     sync_free: bool | None = None  # None: not checked (not CUDA)
     sync_error: str | None = None
     peak_memory_mb: float | None = None
+    data_ms_per_iter: float | None = None  # --data pool: drawing + augmenting the step's batches alone
+    data_fraction: float | None = None  # data_ms_per_iter / ms_per_iter
     error: str | None = None
 
 
@@ -355,6 +357,14 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
         if device.type == "cuda":
             res.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
         res.sync_free, res.sync_error = check_sync_free(lambda: method_step(args.warmup + args.iters), device)
+        if args.data == "pool":  # what sampling + on-device augmentation cost inside that step time
+            def draw(i: int) -> None:
+                trainer.labelled.next()
+                if trainer.unlabelled is not None:
+                    trainer.unlabelled.next()
+
+            dsec = time_loop(draw, args.iters, args.warmup, device)
+            res.data_ms_per_iter, res.data_fraction = 1000 * dsec, dsec / sec
         if not args.no_floor:
             floor = floor_step_fn(trainer, calls, device, amp, args.compile, args.seed + 7)
             fsec = time_loop(lambda i: floor(), args.iters, args.warmup, device)
@@ -371,7 +381,8 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'kind':<10} {'method':<20} {'ms/iter':>9} {'it/s':>8} {'floor ms':>9} {'ratio':>6} {'sync':>5}"
+    head = (f"{'kind':<10} {'method':<20} {'ms/iter':>9} {'it/s':>8} {'floor ms':>9} {'ratio':>6} {'sync':>5} "
+            f"{'data ms':>8} {'data %':>6}")
     lines = [head, "-" * len(head)]
 
     def num(v: float | None, fmt: str) -> str:
@@ -384,7 +395,8 @@ def format_table(results: list[dict]) -> str:
         sync_txt = {None: "-", True: "ok", False: "SYNC"}[r["sync_free"]]
         lines.append(f"{r['kind']:<10} {r['variant']:<20} {num(r['ms_per_iter'], '9.2f')} "
                      f"{num(r['it_per_s'], '8.2f')} {num(r['floor_ms_per_iter'], '9.2f')} "
-                     f"{num(r['ratio_to_floor'], '6.2f')} {sync_txt:>5}")
+                     f"{num(r['ratio_to_floor'], '6.2f')} {sync_txt:>5} {num(r['data_ms_per_iter'], '8.2f')} "
+                     f"{num(None if r['data_fraction'] is None else 100 * r['data_fraction'], '6.1f')}")
     return "\n".join(lines)
 
 
