@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=-1,
                    help="torch CPU threads; -1 (default): 1 on a CPU device (oversubscribed threads make a "
                         "shared CPU many times slower), torch's default on CUDA; 0: torch's default")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="wall: elapsed time (default); process: this process's CPU time, steadier on a shared "
+                        "CPU (CPU devices only: it does not count GPU time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
@@ -289,16 +292,19 @@ def floor_step_fn(trainer: Trainer, calls: list[Call], device: torch.device, amp
     return step
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_loop(fn: Callable[[int], Any], iters: int, warmup: int, device: torch.device) -> float:
     """Seconds per call of ``fn(i)`` after ``warmup`` untimed calls."""
     for i in range(warmup):
         fn(i)
     sync(device)
-    tic = time.perf_counter()
+    tic = CLOCK()
     for i in range(iters):
         fn(warmup + i)
     sync(device)
-    return (time.perf_counter() - tic) / max(iters, 1)
+    return (CLOCK() - tic) / max(iters, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -411,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not kinds or any(k not in KINDS for k in kinds):
         raise SystemExit(f"benchmarks/train_speed.py: --kinds must be a comma list of {KINDS}")
     device = resolve_device(args.device)
+    if args.clock == "process" and device.type != "cpu":
+        raise SystemExit("benchmarks/train_speed.py: --clock process measures CPU time; use it with a CPU device")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     threads = (1 if device.type == "cpu" else 0) if args.threads < 0 else args.threads
     previous_threads = torch.get_num_threads()
     if threads > 0:

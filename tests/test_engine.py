@@ -213,6 +213,6 @@ def test_compile_refused_with_a_reason_where_it_cannot_work(tmp_path, tiny_overr
         Trainer(cfg, tmp_path / "run")
     off = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true", "method.feature_perturbation=false")
     assert Trainer(off, tmp_path / "run2").method.compile_blocker() is None
-    grouped = _cfg(tiny_overrides, "method.name=ustrun", "method.forward_mode=grouped", "train.compile=true")
+    grouped = _cfg(tiny_overrides, "method.name=midss", "method.forward_mode=grouped", "train.compile=true")
     with pytest.raises(ConfigError, match="forward_mode=grouped.*BackendCompilerFailed"):
         Trainer(grouped, tmp_path / "run3")

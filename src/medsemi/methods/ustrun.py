@@ -20,9 +20,6 @@ from medsemi.methods.intermediate import (
     total_loss,
     ucp_pairs,
 )
-from medsemi.methods.intermediate import (
-    compile_blocker as intermediate_compile_blocker,
-)
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import all_cover_boxes, random_boxes
 from medsemi.ops.copy_paste import paste
@@ -59,9 +56,6 @@ class USTRUN(Method):
     Options = USTRUNOptions
     uses_teacher = True
     description = "UST-RUN: MiDSS + reliable-sample queue + unreliable-sample all-cover mix"
-
-    def compile_blocker(self) -> str | None:
-        return intermediate_compile_blocker(self.options)
 
     def __init__(self, options, student, teacher, info) -> None:
         super().__init__(options, student, teacher, info)
