@@ -33,7 +33,7 @@ except ImportError:  # running from a checkout without installing
 import torch
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.evaluation.evaluate import autocast_for
+from medsemi.device import autocast_for
 from medsemi.methods.base import Progress
 from medsemi.methods.versemi import VerSemi, VerSemiOptions
 from medsemi.nets.task_prompted import TaskPromptedVNet

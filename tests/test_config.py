@@ -60,7 +60,7 @@ def test_channels_last_accepts_auto_and_old_booleans(tmp_path):
     import torch
     from torch import nn
 
-    from medsemi.engine.trainer import resolve_channels_last
+    from medsemi.device import resolve_channels_last
 
     assert load_config(DEMO).model.channels_last == "auto"  # the default follows the device
     for given, expected in (("true", "true"), ("false", "false"), ("auto", "auto"), ("on", "true")):

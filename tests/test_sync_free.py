@@ -17,10 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
 from medsemi.engine.ema import ema_update
-from medsemi.engine.schedules import ema_alpha
 from medsemi.methods.base import Progress
 from medsemi.methods.registry import get_method
 from medsemi.nets.unet2d import UNet2D
+from medsemi.schedules import ema_alpha
 
 META = torch.device("meta")
 P = 32
