@@ -88,6 +88,8 @@ class Result:
     sync_free: bool | None = None  # None: not checked (not CUDA)
     sync_error: str | None = None
     peak_memory_mb: float | None = None
+    data_ms_per_iter: float | None = None  # --data pool: drawing + augmenting the step's batches alone
+    data_fraction: float | None = None  # data_ms_per_iter / ms_per_iter
     error: str | None = None
 
 
@@ -102,7 +104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed iterations before timing")
     p.add_argument("--amp", choices=("auto", "off", "bf16"), default="auto",
                    help="autocast; auto = bf16 on CUDA, off on CPU (as train.amp=auto)")
-    p.add_argument("--channels-last", action="store_true", help="model.channels_last=true")
+    p.add_argument("--channels-last", nargs="?", const="true", default="auto", choices=("auto", "true", "false"),
+                   help="model.channels_last (default auto: on for CUDA, off on a CPU); the bare flag means true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student (and the floor)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma list; midss/ustrun run every forward mode, or name one as ustrun:grouped")
@@ -117,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=-1,
                    help="torch CPU threads; -1 (default): 1 on a CPU device (oversubscribed threads make a "
                         "shared CPU many times slower), torch's default on CUDA; 0: torch's default")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="wall: elapsed time (default); process: this process's CPU time, steadier on a shared "
+                        "CPU (CPU devices only: it does not count GPU time)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     return p.parse_args(argv)
@@ -286,16 +292,19 @@ def floor_step_fn(trainer: Trainer, calls: list[Call], device: torch.device, amp
     return step
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_loop(fn: Callable[[int], Any], iters: int, warmup: int, device: torch.device) -> float:
     """Seconds per call of ``fn(i)`` after ``warmup`` untimed calls."""
     for i in range(warmup):
         fn(i)
     sync(device)
-    tic = time.perf_counter()
+    tic = CLOCK()
     for i in range(iters):
         fn(warmup + i)
     sync(device)
-    return (time.perf_counter() - tic) / max(iters, 1)
+    return (CLOCK() - tic) / max(iters, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -343,6 +352,8 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
         with record_calls(trainer.method) as calls:  # eager first step (converts grouped norms too)
             method_step(0)
         res.calls = [c.__dict__ | {"shape": list(c.shape)} for c in calls]
+        if args.compile and trainer.method.compile_blocker():  # as Trainer refuses train.compile=true
+            raise RuntimeError(f"train.compile does not work here: {trainer.method.compile_blocker()}")
         if args.compile:  # as Trainer does with train.compile=true, after the eager step
             trainer.method.student = torch.compile(trainer.student)
         if device.type == "cuda":
@@ -352,6 +363,14 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
         if device.type == "cuda":
             res.peak_memory_mb = torch.cuda.max_memory_allocated(device) / 2**20
         res.sync_free, res.sync_error = check_sync_free(lambda: method_step(args.warmup + args.iters), device)
+        if args.data == "pool":  # what sampling + on-device augmentation cost inside that step time
+            def draw(i: int) -> None:
+                trainer.labelled.next()
+                if trainer.unlabelled is not None:
+                    trainer.unlabelled.next()
+
+            dsec = time_loop(draw, args.iters, args.warmup, device)
+            res.data_ms_per_iter, res.data_fraction = 1000 * dsec, dsec / sec
         if not args.no_floor:
             floor = floor_step_fn(trainer, calls, device, amp, args.compile, args.seed + 7)
             fsec = time_loop(lambda i: floor(), args.iters, args.warmup, device)
@@ -368,7 +387,8 @@ def device_name(device: torch.device) -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = f"{'kind':<10} {'method':<20} {'ms/iter':>9} {'it/s':>8} {'floor ms':>9} {'ratio':>6} {'sync':>5}"
+    head = (f"{'kind':<10} {'method':<20} {'ms/iter':>9} {'it/s':>8} {'floor ms':>9} {'ratio':>6} {'sync':>5} "
+            f"{'data ms':>8} {'data %':>6}")
     lines = [head, "-" * len(head)]
 
     def num(v: float | None, fmt: str) -> str:
@@ -381,7 +401,8 @@ def format_table(results: list[dict]) -> str:
         sync_txt = {None: "-", True: "ok", False: "SYNC"}[r["sync_free"]]
         lines.append(f"{r['kind']:<10} {r['variant']:<20} {num(r['ms_per_iter'], '9.2f')} "
                      f"{num(r['it_per_s'], '8.2f')} {num(r['floor_ms_per_iter'], '9.2f')} "
-                     f"{num(r['ratio_to_floor'], '6.2f')} {sync_txt:>5}")
+                     f"{num(r['ratio_to_floor'], '6.2f')} {sync_txt:>5} {num(r['data_ms_per_iter'], '8.2f')} "
+                     f"{num(None if r['data_fraction'] is None else 100 * r['data_fraction'], '6.1f')}")
     return "\n".join(lines)
 
 
@@ -396,6 +417,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not kinds or any(k not in KINDS for k in kinds):
         raise SystemExit(f"benchmarks/train_speed.py: --kinds must be a comma list of {KINDS}")
     device = resolve_device(args.device)
+    if args.clock == "process" and device.type != "cpu":
+        raise SystemExit("benchmarks/train_speed.py: --clock process measures CPU time; use it with a CPU device")
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     threads = (1 if device.type == "cpu" else 0) if args.threads < 0 else args.threads
     previous_threads = torch.get_num_threads()
     if threads > 0:

@@ -70,8 +70,24 @@ def test_versemi_speed_tiny_run(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "v.json"
-    result = module.main(["--size", "32", "--base-filters", "2", "--batch", "1", "--queries", "3",
-                          "--iters", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)])
+    result = module.main(["--size", "32", "--base-filters", "2", "--batch", "2", "--queries", "3",
+                          "--iters", "1", "--warmup", "0", "--device", "cpu", "--channels-last", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["ms_shared"] > 0 and saved["ms_naive"] > 0
+    assert saved["ms_stage1"] > 0 and saved["ms_stage2"] > 0 and saved["settings"]["channels_last"] is True
+    assert saved["it_per_s_stage1"] == pytest.approx(1000.0 / saved["ms_stage1"])
     assert saved["speedup"] == pytest.approx(result["ms_naive"] / result["ms_shared"])
+
+
+def test_train_speed_pool_reports_the_data_cost(tmp_path):
+    ts = _load()
+    report = ts.main(["--size", "32", "--base-channels", "2", "--batch", "2", "--iters", "2", "--warmup", "0",
+                      "--methods", "fixmatch", "--kinds", "exclusive", "--device", "cpu", "--data", "pool",
+                      "--no-floor"])
+    r = report["results"][0]
+    assert r["error"] is None, r["error"]
+    assert 0 < r["data_ms_per_iter"] and r["data_fraction"] == pytest.approx(r["data_ms_per_iter"] / r["ms_per_iter"])
+    assert report["settings"]["channels_last"] == "auto"
+    random = ts.main(["--size", "32", "--base-channels", "2", "--batch", "2", "--iters", "1", "--warmup", "0",
+                      "--methods", "supervised", "--kinds", "exclusive", "--device", "cpu", "--no-floor"])
+    assert random["results"][0]["data_ms_per_iter"] is None  # fixed device batches: nothing drawn

@@ -1,5 +1,6 @@
 """Config: YAML + dotted overrides, typed, unknown keys are errors naming the valid ones."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,31 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed")
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_config(bad)
+
+
+def test_channels_last_accepts_auto_and_old_booleans(tmp_path):
+    import torch
+    from torch import nn
+
+    from medsemi.device import resolve_channels_last
+
+    assert load_config(DEMO).model.channels_last == "auto"  # the default follows the device
+    for given, expected in (("true", "true"), ("false", "false"), ("auto", "auto"), ("on", "true")):
+        assert load_config(DEMO, [f"model.channels_last={given}"]).model.channels_last == expected
+    for flag in ("true", "false"):  # configs written before the field took auto hold a YAML boolean
+        path = tmp_path / f"old_{flag}.yaml"
+        save_config(load_config(DEMO), path)
+        text = re.sub(r"channels_last: .*", f"channels_last: {flag}", path.read_text())
+        assert f"channels_last: {flag}\n" in text
+        path.write_text(text)
+        assert load_config(path).model.channels_last == flag
+    with pytest.raises(ConfigError, match="model.channels_last"):
+        load_config(DEMO, ["model.channels_last=maybe"])
+    net2d, net3d = nn.Sequential(nn.Conv2d(1, 1, 3)), nn.Sequential(nn.Conv3d(1, 1, 3))
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_channels_last("auto", cpu, net2d) is None
+    assert resolve_channels_last("auto", cuda, net2d) is torch.channels_last
+    assert resolve_channels_last("auto", cuda, net3d) is None
+    assert resolve_channels_last("true", cpu, net3d) is torch.channels_last_3d
+    assert resolve_channels_last(True, cpu, net2d) is torch.channels_last
+    assert resolve_channels_last(False, cuda, net2d) is None

@@ -201,3 +201,18 @@ def test_fresh_run_refuses_to_overwrite_an_existing_run(tmp_path, tiny_overrides
     Trainer(cfg, tmp_path / "run").fit()
     with pytest.raises(ConfigError, match="--resume"):
         Trainer(_cfg(tiny_overrides, "train.iterations=2"), tmp_path / "run")
+
+
+def test_compile_refused_with_a_reason_where_it_cannot_work(tmp_path, tiny_overrides):
+    """UniMatch's eager feature-perturbation pass and a compiled forward of the same BatchNorms cannot share
+    one backward (measured: torch raises 'modified by an inplace operation'); the trainer says so up front."""
+    from medsemi.config import ConfigError
+
+    cfg = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true")
+    with pytest.raises(ConfigError, match="does not work with method unimatch.*feature_perturbation"):
+        Trainer(cfg, tmp_path / "run")
+    off = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true", "method.feature_perturbation=false")
+    assert Trainer(off, tmp_path / "run2").method.compile_blocker() is None
+    grouped = _cfg(tiny_overrides, "method.name=midss", "method.forward_mode=grouped", "train.compile=true")
+    with pytest.raises(ConfigError, match="forward_mode=grouped.*BackendCompilerFailed"):
+        Trainer(grouped, tmp_path / "run3")

@@ -195,6 +195,9 @@ def test_two_stages_through_trainer(tmp_path):
     tr = Trainer(_cfg(), tmp_path / "run")
     assert tr.unlabelled is not None and tr.family.test_volumes
     tr.fit(stop_after=3)  # the whole of stage 1
+    # stage 1 never reads unlabelled crops: the unlabelled bank is not even built, nothing was drawn
+    assert tr.unlabelled.source is None
+    assert tr.unlabelled.state_dict() == {"epoch": 0, "position": 0, "generator": None}
     before = {k: v.clone() for k, v in tr.student.state_dict().items()}
     old_opt = tr.optimizer
     assert old_opt.state[next(iter(tr.student.parameters()))]["step"].item() == 3
@@ -202,6 +205,7 @@ def test_two_stages_through_trainer(tmp_path):
     tr.fit(stop_after=1)  # the first stage-2 step: fresh Adam, same weights
     assert tr.optimizer is not old_opt
     assert tr.optimizer.state[next(iter(tr.student.parameters()))]["step"].item() == 1
+    assert tr.unlabelled.source is not None and tr.unlabelled.state_dict()["position"] == 1  # first stage-2 batch
     after = tr.student.state_dict()
     for k, v in before.items():
         if v.is_floating_point() and "running" not in k:

@@ -52,11 +52,24 @@ class DataSection:
     options: dict[str, Any] = field(default_factory=dict)  # format-specific extras (e.g. 3D crop size)
 
 
+CHANNELS_LAST = ("auto", "true", "false")
+
+
 @dataclass
 class ModelSection:
     name: str = "unet2d"  # unet2d | versemi_vnet
     base_channels: int = 64
-    channels_last: bool = False
+    # auto: channels-last memory format for 2D networks on CUDA, off on a CPU and for 3D networks;
+    # true: channels-last (channels-last-3d for 3D networks); false: off. Same results either way.
+    channels_last: str = "auto"
+
+    def __post_init__(self) -> None:
+        value = self.channels_last
+        text = str(value).strip().lower()
+        text = {"yes": "true", "on": "true", "1": "true", "no": "false", "off": "false", "0": "false"}.get(text, text)
+        if text not in CHANNELS_LAST:
+            raise ConfigError(f"model.channels_last: expected auto, true or false, got {value!r}")
+        self.channels_last = text
 
 
 @dataclass

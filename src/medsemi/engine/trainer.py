@@ -27,7 +27,7 @@ from medsemi import distributed as ddp
 from medsemi.checkpoints import load_checkpoint, save_atomic
 from medsemi.config import Config, ConfigError, config_to_dict, save_config
 from medsemi.data.datasets import Splits
-from medsemi.device import autocast_for, resolve_amp, resolve_device
+from medsemi.device import autocast_for, resolve_amp, resolve_channels_last, resolve_device
 from medsemi.engine.ema import ema_update
 from medsemi.families.base import DatasetFamily
 from medsemi.families.images import ImageFamily
@@ -109,13 +109,17 @@ class Trainer:
         if method_cls.wants_teacher(cfg.method):
             teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
             teacher.requires_grad_(False)
-        if cfg.model.channels_last:
-            student = student.to(memory_format=torch.channels_last)
-            teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
+        memory_format = resolve_channels_last(cfg.model.channels_last, self.device, student)
+        if memory_format is not None:
+            student = student.to(memory_format=memory_format)
+            teacher = teacher.to(memory_format=memory_format) if teacher is not None else None
         self.method = method_cls(cfg.method, student, teacher, info).to(self.device)
         self.method.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
         self.student = student
         if cfg.train.compile:
+            blocker = self.method.compile_blocker()
+            if blocker:
+                raise ConfigError(f"train.compile=true does not work with method {cfg.method.name}: {blocker}")
             self.method.student = torch.compile(student)
         self._broadcast_from_main()
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
@@ -256,7 +260,8 @@ class Trainer:
         if self.method.on_stage_start(progress):
             self.optimizer = build_optimizer(self.cfg, self.method.trainable_parameters())
         labelled = self.labelled.next()
-        unlabelled = self.unlabelled.next() if self.unlabelled is not None else None
+        draw = self.unlabelled is not None and self.method.uses_unlabelled_at(progress)
+        unlabelled = self.unlabelled.next() if draw else None
         with autocast_for(self.device, self.amp):
             out = self.method.train_step(labelled, unlabelled, progress)
         self.optimizer.zero_grad(set_to_none=True)

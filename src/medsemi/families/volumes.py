@@ -60,7 +60,7 @@ from medsemi.data.synthetic.volumes3d import (
 from medsemi.data.tools.check3d import check_volumes
 from medsemi.data.tools.prepare3d import RECIPES, Recipe
 from medsemi.data.volumes.cases import TASK_NAMES, Volume, read_cases
-from medsemi.data.volumes.crop_source import CropSource
+from medsemi.data.volumes.crop_source import CropSource, LazyCropSource
 from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
 from medsemi.data.volumes.sampling import CropSampler, VolumeBank
 from medsemi.evaluation.volumes import evaluate_volume_network
@@ -114,13 +114,21 @@ class VolumeFamily:
             raise ConfigError(
                 f"{self.source}: the method uses unlabelled data but the unlabelled list is empty"
             )
-        unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
-                              image_dtype=dtype)
-        unlabelled = CropSource(CropSampler(
-            unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
-            seed=base_seed + 3, rank=rank, world_size=world_size,
-        ))
-        return labelled, unlabelled
+        if len(self.unlabelled_volumes) < cfg.train.unlabelled_batch_size * world_size:  # checked now, built later
+            raise ConfigError(
+                f"{self.source}: {len(self.unlabelled_volumes)} unlabelled cases cannot fill one batch of "
+                f"train.unlabelled_batch_size={cfg.train.unlabelled_batch_size} per rank; lower it or add cases"
+            )
+
+        def build_unlabelled() -> CropSource:
+            unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
+                                  image_dtype=dtype)
+            return CropSource(CropSampler(
+                unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
+                seed=base_seed + 3, rank=rank, world_size=world_size,
+            ))
+
+        return labelled, LazyCropSource(build_unlabelled)
 
     def evaluate(
         self, networks: dict[str, nn.Module], cfg: Config, device: torch.device, surface: bool = False,

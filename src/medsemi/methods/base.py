@@ -119,6 +119,15 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.student.parameters() if p.requires_grad]
 
+    def compile_blocker(self) -> str | None:
+        """Why ``train.compile=true`` cannot work with these options (one sentence), or None."""
+        return None
+
+    def uses_unlabelled_at(self, progress: Progress) -> bool:
+        """Whether this step reads an unlabelled batch; the engine draws none when False (a staged
+        method's labelled-only stage)."""
+        return self.uses_unlabelled
+
     def on_stage_start(self, progress: Progress) -> bool:
         """Called before each step; return True to ask the engine to rebuild the optimiser."""
         return False

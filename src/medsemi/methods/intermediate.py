@@ -48,6 +48,18 @@ class IntermediateOptions(MethodOptions):
             raise ValueError(f"method.forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
 
 
+def compile_blocker(opts: IntermediateOptions) -> str | None:
+    """MiDSS with ``forward_mode=grouped`` cannot be compiled (measured with torch 2.13 inductor on a CPU;
+    UST-RUN's grouped step compiled and ran there): the BatchNorms update the same running buffers once per
+    call inside one forward."""
+    if opts.forward_mode != "grouped":
+        return None
+    return ("forward_mode=grouped updates each BatchNorm's running statistics once per original call inside "
+            "one forward, and torch.compile (inductor) fails on these repeated in-place buffer updates in the "
+            "MiDSS step (BackendCompilerFailed, torch 2.13); use forward_mode=separate or fused with "
+            "train.compile=true, or train.compile=false")
+
+
 def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
     """Run ``net`` on each input as separate calls (``separate``), or once on their concatenation with
     shared BatchNorm statistics (``fused``) or per-call statistics (``grouped``, spec 3.5).

@@ -18,6 +18,9 @@ from medsemi.methods.intermediate import (
     total_loss,
     ucp_pairs,
 )
+from medsemi.methods.intermediate import (
+    compile_blocker as intermediate_compile_blocker,
+)
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
 from medsemi.schedules import consistency_weight
@@ -37,6 +40,9 @@ class MiDSS(Method):
     smoothed_empty_rule = "midss"  # its metrics file leaves the empty-empty rule out: 1/1.001 (spec 3.4)
     # released: the public code autocasts in fp16 with a GradScaler (spec addendum "AMP dtype")
     presets = {"paper": {}, "released": {"train": {"amp": "fp16"}}}
+
+    def compile_blocker(self) -> str | None:
+        return intermediate_compile_blocker(self.options)
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator

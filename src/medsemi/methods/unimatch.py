@@ -165,6 +165,14 @@ class UniMatch(Method):
         return (paste(view, view.roll(1, dims=0), box), paste(label, label.roll(1, dims=0), box),
                 paste(mask, mask.roll(1, dims=0), box))
 
+    def compile_blocker(self) -> str | None:
+        if not self.options.feature_perturbation:  # type: ignore[attr-defined]
+            return None
+        return ("unimatch's feature-perturbation pass runs the network's blocks eagerly, and the compiled "
+                "forward that follows updates the same BatchNorm running statistics in place, which "
+                "invalidates the tensors the eager pass saved for backward (torch raises 'modified by an "
+                "inplace operation'); set train.compile=false or method.feature_perturbation=false")
+
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         opt: UniMatchOptions = self.options  # type: ignore[assignment]
         spec = self.label_spec

@@ -138,10 +138,12 @@ class USTRUN(Method):
         if progress.epoch < o.warmup_hardness_epochs:
             h = torch.ones_like(h)
         # 10. refill LQ with the hardest sample (first on ties)
-        worst = pick_hardest(h)
-        self.lq_image.copy_(u_w[worst])
-        self.lq_label.copy_(y0[worst].to(self.lq_label.dtype))
-        self.lq_mask.copy_(k0[worst])
+        # index_select with a (1,) index tensor: indexing with the 0-dim tensor itself (``u_w[worst]``)
+        # converts it to a Python int, a host synchronisation on a GPU
+        worst = pick_hardest(h).view(1)
+        self.lq_image.copy_(u_w.index_select(0, worst)[0])
+        self.lq_label.copy_(y0.index_select(0, worst)[0].to(self.lq_label.dtype))
+        self.lq_mask.copy_(k0.index_select(0, worst)[0])
         # 11. queue update and adaptive threshold
         theta_before = self.queue.theta.clone()
         reliable = self.queue.update(u_w, y0, k0, h) if o.queue else torch.zeros_like(h, dtype=torch.bool)

@@ -221,6 +221,10 @@ class VerSemi(Method):
         two = self.options.pipeline == "two_stage"
         return "_stage1" if two and self.stage_at(progress) == "stage1" else ""
 
+    def uses_unlabelled_at(self, progress: Progress) -> bool:
+        """Only stage 2 reads unlabelled crops: stage 1 (and the supervised pipeline) draw none."""
+        return self.stage_at(progress) == "stage2"
+
     def on_stage_start(self, progress: Progress) -> bool:
         o = self.options
         boundary = self.stage1_end(progress) if o.pipeline == "two_stage" else -1

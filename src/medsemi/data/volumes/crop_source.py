@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,3 +74,41 @@ class CropSource:
     def __len__(self) -> int:
         """Iterations per epoch of this stream (spec 1.8)."""
         return len(self.sampler)
+
+
+class LazyCropSource:
+    """A :class:`CropSource` built on its first ``next()``: the unlabelled crop bank of a two-stage run
+    is neither gathered (no device memory) nor drawn from during stage 1, which never reads it. Until
+    then its state is the untouched stream's (epoch 0, position 0), so checkpoints resume exactly."""
+
+    def __init__(self, build: Callable[[], CropSource]) -> None:
+        self._build = build
+        self.source: CropSource | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def _get(self) -> CropSource:
+        if self.source is None:
+            self.source = self._build()
+            if self._pending is not None:
+                self.source.load_state_dict(self._pending)
+        return self.source
+
+    def next(self) -> dict[str, torch.Tensor]:
+        return self._get().next()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.source is None:
+            return self._pending if self._pending is not None else {"epoch": 0, "position": 0, "generator": None}
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.source is None and int(state["epoch"]) == 0 and int(state["position"]) == 0:
+            self._pending = state  # still untouched: stay unbuilt
+            return
+        self._get().load_state_dict(state)
+
+    def __bool__(self) -> bool:  # a source is truthy without being built (``if source:`` must not build it)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._get())
