@@ -1,7 +1,8 @@
 """``medsemi export``: a trained network as ONNX or TorchScript, with ``preprocessing.json`` and a README.
 
 - ONNX: PyTorch's TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, opset 17). It
-  needs no extra package; the newer ``torch.export``-based exporter would add ``onnxscript``.
+  needs the ``onnx`` package only; the newer ``torch.export``-based exporter would also need ``onnxscript``
+  and handles the dynamic H/W of the 2D U-Net's pad-to-skip branch less simply.
 - TorchScript: ``torch.jit.trace``.
 
 Both are traces: shape-dependent Python branches are fixed at export time. The 2D U-Net therefore runs on
@@ -83,6 +84,11 @@ def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
 # ----------------------------------------------------------------------------- the two formats
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, dynamic: dict[int, str]) -> None:
     """``torch.onnx.export`` (TorchScript-based exporter); an unsupported operator is named in the error."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is None:
+        raise ExportError("--format onnx needs the onnx package: pip install 'medsemi[export]' "
+                          "(or export with --format torchscript)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
