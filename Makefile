@@ -22,10 +22,12 @@ demo: venv
 	$(VENV)/bin/medsemi demo
 
 test: venv
+	cd $(CURDIR) && $(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 --timeout 600
 
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

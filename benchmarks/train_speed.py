@@ -43,9 +43,9 @@ import torch
 from torch import nn
 
 from medsemi.config import config_from_dict
+from medsemi.device import autocast_for, resolve_amp, resolve_device
 from medsemi.engine.ema import ema_update
-from medsemi.engine.trainer import Trainer, build_optimizer, resolve_amp, resolve_device, unwrap
-from medsemi.evaluation.evaluate import autocast_for
+from medsemi.engine.trainer import Trainer, build_optimizer, unwrap
 from medsemi.methods.base import Progress
 
 METHODS = ("supervised", "mean_teacher", "fixmatch", "unimatch", "bcp", "midss", "ustrun")
@@ -185,7 +185,7 @@ class FixedSource:
 def random_batches(trainer: Trainer, batch: int, size: int, device: torch.device, seed: int
                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Random labelled / unlabelled batches with the dataset's shapes and dtypes (spec: data/contract.py)."""
-    info = trainer.splits.info
+    info = trainer.family.info
     spec = info.label_spec
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (batch, info.in_channels, size, size)
@@ -325,11 +325,11 @@ def bench_variant(args: argparse.Namespace, kind: str, variant: Variant, device:
     res = Result(variant.method, variant.label, kind, variant.forward_mode)
     cfg = make_config(args, kind, variant, amp)
     if kind not in splits_cache:
-        from medsemi.data.build import build_splits
+        from medsemi.families.select import build_family
 
-        splits_cache[kind] = build_splits(cfg)
+        splits_cache[kind] = build_family(cfg)
     with tempfile.TemporaryDirectory(prefix="medsemi_bench_") as run_dir:
-        trainer = Trainer(cfg, run_dir, splits=splits_cache[kind])
+        trainer = Trainer(cfg, run_dir, family=splits_cache[kind])
         if args.data == "random":
             labelled, unlabelled = random_batches(trainer, args.batch, args.size, device, args.seed)
             trainer.labelled = FixedSource(labelled)

@@ -23,7 +23,7 @@ except ImportError:  # running from a checkout without installing
 
 import torch
 
-from medsemi.evaluation.evaluate import autocast_for
+from medsemi.device import autocast_for
 from medsemi.nets.task_prompted import TaskPromptedVNet
 
 

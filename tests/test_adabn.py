@@ -74,8 +74,9 @@ def test_trainer_evaluates_with_per_domain_statistics(tmp_path, tiny_overrides):
         cfg = load_config(repo / "configs" / "demo.yaml", [*tiny_overrides, f"method.name={method}",
                           "train.iterations=2", "train.eval_every=2", "eval.bn_adaptation=true"])
         trainer = Trainer(cfg, tmp_path / method)
-        assert sorted(trainer.adapt_images) == list(trainer.splits.info.domains)
-        n = sum(len(v) for v in trainer.adapt_images.values())
-        assert n == len(trainer.splits.unlabelled)
+        adapt = trainer.family.adapt_images(cfg, trainer.device)
+        assert sorted(adapt) == list(trainer.family.info.domains)
+        n = sum(len(v) for v in adapt.values())
+        assert n == len(trainer.family.unlabelled)
         trainer.fit()
         assert trainer.best["test"]["iteration"] == 2

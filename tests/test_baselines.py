@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
 from medsemi.engine.ema import ema_update
-from medsemi.engine.schedules import consistency_weight, ema_alpha
 from medsemi.losses import seg_loss
 from medsemi.methods.base import Progress
 from medsemi.methods.bcp import BCP, BCPOptions, bcp_box
@@ -24,6 +23,7 @@ from medsemi.methods.unimatch import UniMatch, UniMatchOptions, channel_dropout,
 from medsemi.nets.unet2d import UNet2D
 from medsemi.ops.boxes import random_boxes
 from medsemi.ops.pseudo_label import pseudo_label
+from medsemi.schedules import consistency_weight, ema_alpha
 
 KINDS = ("multilabel", "exclusive")
 P = 32

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from test_readers2d import SAMPLES, make_busi, make_fundus, make_mnms, make_prostate, needs_samples, save
 
-from medsemi.data.check2d import check_dataset
+from medsemi.data.tools.check2d import check_dataset
 
 PROSTATE = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")
 

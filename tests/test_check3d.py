@@ -5,9 +5,9 @@ from __future__ import annotations
 import h5py
 import numpy as np
 
-from medsemi.data.check3d import check_volumes
-from medsemi.data.synthetic3d import write_synthetic_dataset
-from medsemi.data.versemi_splits import load_versemi_split
+from medsemi.data.synthetic.volumes3d import write_synthetic_dataset
+from medsemi.data.tools.check3d import check_volumes
+from medsemi.data.volumes.lists import load_versemi_split
 
 
 def _h5(path, **datasets) -> None:

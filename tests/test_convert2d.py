@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_readers2d import SAMPLES, make_busi, make_fundus, make_mnms, needs_samples
 
-from medsemi.data.check2d import check_dataset
-from medsemi.data.convert2d import convert_to_generic, converted_names
-from medsemi.data.readers2d import MissingMaskError
-from medsemi.data.splits2d import build_splits
+from medsemi.data.formats.base import MissingMaskError
+from medsemi.data.formats.splits import build_splits
+from medsemi.data.tools.check2d import check_dataset
+from medsemi.data.tools.convert2d import convert_to_generic, converted_names
 
 
 def _same(a, b, names: dict[str, str] | None = None) -> None:

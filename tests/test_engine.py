@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from medsemi.checkpoints import load_checkpoint, save_atomic
 from medsemi.config import load_config
-from medsemi.engine.checkpoint import load_checkpoint, save_atomic
 from medsemi.engine.ema import ema_update
-from medsemi.engine.schedules import consistency_weight, ema_alpha, poly_lr
 from medsemi.engine.trainer import Trainer
 from medsemi.methods.registry import available_methods
+from medsemi.schedules import consistency_weight, ema_alpha, poly_lr
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -99,7 +99,7 @@ def test_sigkill_during_writes_never_corrupts(tmp_path):
     """A writer killed at an arbitrary moment leaves a loadable checkpoint."""
     script = textwrap.dedent(f"""
         import torch, sys
-        from medsemi.engine.checkpoint import save_atomic
+        from medsemi.checkpoints import save_atomic
         i = 0
         while True:
             save_atomic({{"iteration": i, "w": torch.randn(400_000)}}, {str(tmp_path / 'last.pt')!r})

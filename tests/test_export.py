@@ -63,7 +63,7 @@ def make_2d_checkpoint(path: Path, kind: str = "multilabel") -> UNet2D:
 
 
 def make_3d_checkpoint(path: Path) -> TaskPromptedVNet:
-    from medsemi.data.build3d import _preprocessing_extra
+    from medsemi.families.volumes import _preprocessing_extra
 
     cfg = load_config(REPO / "configs" / "versemi" / "synthetic3d_cpu.yaml", ["data.options.strides=[16,16,16]"])
     info = {"name": "versemi", "in_channels": 1, "label_kind": "exclusive",
@@ -183,7 +183,7 @@ def assert_same_masks(a: np.ndarray, b: np.ndarray, margin: np.ndarray, exact: b
 
 def margin_2d(net: UNet2D, path: Path) -> np.ndarray:
     """PyTorch's decision margin per pixel of ``medsemi predict`` (exclusive: logit 1 - logit 0)."""
-    from medsemi.evaluation.predict import load_image
+    from medsemi.workflows.predict import load_image
 
     x, (w, h) = load_image(path, 3, 32)
     with torch.no_grad():
@@ -192,8 +192,8 @@ def margin_2d(net: UNet2D, path: Path) -> np.ndarray:
 
 
 def margin_3d(net: TaskPromptedVNet, path: Path, task: int) -> np.ndarray:
-    from medsemi.evaluation.predict3d import preprocess
     from medsemi.evaluation.sliding3d import sliding_window_probs
+    from medsemi.workflows.predict3d import preprocess
 
     vol = nib.load(str(path))
     image = preprocess(np.asarray(vol.dataobj, np.float32), vol.header.get_zooms(), {"intensity": "zscore"})

@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medsemi.data.nifti import find_nifti_cases, load_nifti, read_nifti_case
-from medsemi.data.prepare3d import RECIPES, output_name, prepare_dataset, preprocess_arrays
-from medsemi.data.volumes import read_case, write_case
+from medsemi.data.tools.prepare3d import RECIPES, output_name, prepare_dataset, preprocess_arrays
+from medsemi.data.volumes.cases import read_case, write_case
+from medsemi.data.volumes.nifti import find_nifti_cases, load_nifti, read_nifti_case
 
 
 def _save(path, arr, spacing=(1.0, 1.0, 1.0), dtype=np.float32) -> None:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from medsemi.data.datasets import TensorDataset2D
-from medsemi.data.readers2d import DataFormatError, MissingMaskError, mask_path_for, open_format
+from medsemi.data.formats.base import DataFormatError, MissingMaskError, mask_path_for
+from medsemi.data.formats.registry import open_format
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "samples"  # ../shared beside the repo
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason="real samples not present")
@@ -316,7 +317,7 @@ def test_busi_groups_merge_masks_by_max(tmp_path: Path) -> None:
 def test_generic_region_labels_multichannel_and_nifti(tmp_path: Path) -> None:
     import nibabel as nib
 
-    from medsemi.data.generic import codec_from_labels
+    from medsemi.data.formats.generic import codec_from_labels
 
     root = tmp_path / "gen"
     rng = np.random.default_rng(0)

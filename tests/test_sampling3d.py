@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from medsemi.data.sampling3d import (
+from medsemi.data.synthetic.volumes3d import generate_synthetic_volumes
+from medsemi.data.volumes.cases import Volume
+from medsemi.data.volumes.sampling import (
     VolumeBank,
     centre_start,
     labelled_sampler,
     unlabelled_sampler,
     versemi_pad_amounts,
 )
-from medsemi.data.synthetic3d import generate_synthetic_volumes
-from medsemi.data.volumes import Volume
 
 P = 16
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_readers2d import SAMPLES, make_busi, make_fundus, make_mnms, make_prostate, needs_samples
 
-from medsemi.data.readers2d import MissingMaskError
-from medsemi.data.splits2d import (
+from medsemi.data.formats.base import MissingMaskError
+from medsemi.data.formats.splits import (
     build_splits,
     dataset_info,
     expected_counts,
@@ -134,7 +134,7 @@ def test_expected_counts_and_dataset_info() -> None:
     totals = {"fundus": 789, "prostate": 1510, "mnms": 3447, "busi": 518}
     for fmt, total in totals.items():
         assert sum(expected_counts(fmt)["train"].values()) == total
-    from medsemi.data.busi import split_sizes
+    from medsemi.data.formats.busi import split_sizes
 
     assert split_sizes(437) == (350, 87) and split_sizes(210) == (168, 42)
     assert expected_counts("busi")["test"] == {"benign": 87, "malignant": 42}

@@ -1,4 +1,4 @@
-"""Tests of the embedded synthetic mixed-domain 2D dataset (medsemi.data.synthetic2d)."""
+"""Tests of the embedded synthetic mixed-domain 2D dataset (medsemi.data.synthetic.images2d)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from PIL import Image
 from test_readers2d import SAMPLES, needs_samples
 
 from medsemi.data.codecs import FUNDUS, PROSTATE
-from medsemi.data.synthetic2d import (
+from medsemi.data.synthetic.images2d import (
     SLICES_PER_CASE,
     SyntheticConfig,
     build_synthetic_splits,

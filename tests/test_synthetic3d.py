@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from medsemi.data.synthetic3d import (
+from medsemi.data.synthetic.volumes3d import (
     generate_synthetic_volumes,
     make_synthetic_volume,
     write_synthetic_dataset,
 )
-from medsemi.data.versemi_splits import load_versemi_split
-from medsemi.data.volumes import read_case, task_id_from_name
+from medsemi.data.volumes.cases import read_case, task_id_from_name
+from medsemi.data.volumes.lists import load_versemi_split
 
 
 def test_deterministic_sizes_names_and_labels() -> None:

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from medsemi.config import load_config
 from medsemi.data.contract import DatasetInfo, LabelSpec
 from medsemi.engine.trainer import Trainer
-from medsemi.evaluation.compare import method_overrides, run_label
 from medsemi.methods.base import Progress
 from medsemi.methods.versemi import VerSemi, VerSemiOptions, random_box_mask
 from medsemi.nets.task_prompted import TaskPromptedVNet
 from medsemi.ops.versemi_ops import box_mask
+from medsemi.workflows.compare import method_overrides, run_label
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CFG = REPO / "configs" / "versemi" / "synthetic3d_cpu.yaml"
@@ -193,7 +193,7 @@ def _weights(trainer):
 def test_two_stages_through_trainer(tmp_path):
     torch.manual_seed(0)
     tr = Trainer(_cfg(), tmp_path / "run")
-    assert tr.unlabelled is not None and len(tr.splits.test) == 0
+    assert tr.unlabelled is not None and tr.family.test_volumes
     tr.fit(stop_after=3)  # the whole of stage 1
     before = {k: v.clone() for k, v in tr.student.state_dict().items()}
     old_opt = tr.optimizer
@@ -225,7 +225,7 @@ def test_two_stages_through_trainer(tmp_path):
 
 def test_released_main_has_no_unlabelled_stream(tmp_path):
     tr = Trainer(_cfg(["method.pipeline=released_main", "train.iterations=1"]), tmp_path / "run")
-    assert tr.unlabelled is None and tr.splits.unlabelled_volumes == []
+    assert tr.unlabelled is None and tr.family.unlabelled_volumes == []
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -262,9 +262,9 @@ class ConstantNet(torch.nn.Module):
 
 def test_evaluate_per_task_matches_reference(tmp_path):
     cfg = _cfg(["method.pipeline=released_main"])
-    from medsemi.data.build import build_splits
+    from medsemi.families.select import build_family
 
-    splits = build_splits(cfg)
+    splits = build_family(cfg)
     res = splits.evaluate({"student": ConstantNet()}, cfg, torch.device("cpu"), surface=True)
     res = res["test"]["student"]
     for task, vols in splits.test_volumes.items():
@@ -279,12 +279,12 @@ def test_evaluate_per_task_matches_reference(tmp_path):
 
 def test_predict_nifti_keeps_geometry(tmp_path):
     nib = pytest.importorskip("nibabel")
-    from medsemi.evaluation.predict import predict_folder
+    from medsemi.workflows.predict import predict_folder
 
     tr = Trainer(_cfg(["method.pipeline=released_main", "train.iterations=1", "train.eval_every=1"]),
                  tmp_path / "run")
     tr.fit()
-    vol = tr.splits.test_volumes[3][0]
+    vol = tr.family.test_volumes[3][0]
     affine = np.diag([0.8, 0.8, 2.5, 1.0])
     affine[:3, 3] = (10, -4, 7)
     (tmp_path / "in").mkdir()

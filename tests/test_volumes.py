@@ -6,14 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from medsemi.data.versemi_splits import (
-    iterations_per_epoch,
-    load_versemi_split,
-    parse_list,
-    per_task_labelled_lists,
-    read_list,
-)
-from medsemi.data.volumes import (
+from medsemi.data.volumes.cases import (
     VolumeReadError,
     binarize_label,
     case_path,
@@ -21,6 +14,13 @@ from medsemi.data.volumes import (
     read_cases,
     task_id_from_name,
     write_case,
+)
+from medsemi.data.volumes.lists import (
+    iterations_per_epoch,
+    load_versemi_split,
+    parse_list,
+    per_task_labelled_lists,
+    read_list,
 )
 
 

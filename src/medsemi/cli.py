@@ -19,10 +19,10 @@ def _run_dir(cfg, explicit: str | None) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medsemi import distributed as ddp
     from medsemi.config import load_config
-    from medsemi.engine import distributed as ddp
     from medsemi.engine.trainer import Trainer
-    from medsemi.evaluation.report import evaluate_run
+    from medsemi.workflows.evaluate_run import evaluate_run
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -35,13 +35,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, run_dir, resume=bool(args.resume))
     if ddp.is_main_process():
         print(f"run directory: {run_dir}")
-        print(f"data: {trainer.splits.info.name} {trainer.splits.summary()}")
+        print(f"data: {trainer.family.info.name} {trainer.family.summary()}")
     trainer.fit()
     if not trainer.finished:
         print(f"stopped at iteration {trainer.iteration}; continue with: medsemi train --resume {run_dir}")
         return 130
     if ddp.is_main_process() and not args.no_eval:
-        evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
+        evaluate_run(run_dir, cfg=cfg, family=trainer.family, device=str(trainer.device))
         print((run_dir / "report.md").read_text().split("\n## ")[0])
         print(f"report: {run_dir / 'report.md'}")
     ddp.cleanup()
@@ -50,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medsemi.config import load_config
-    from medsemi.evaluation.report import CHECKPOINTS, evaluate_run
+    from medsemi.evaluation.report import CHECKPOINTS
+    from medsemi.workflows.evaluate_run import evaluate_run
 
     which = tuple(args.checkpoint) if args.checkpoint else tuple(CHECKPOINTS)
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
@@ -66,7 +67,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if is_export_dir(args.checkpoint):
         from medsemi.workflows.predict_export import predict_from_export as predict
     else:
-        from medsemi.evaluation.predict import predict_folder as predict
+        from medsemi.workflows.predict import predict_folder as predict
     written = predict(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
     print(f"wrote {len(written)} mask(s) to {args.output_dir}")
     return 0
@@ -108,7 +109,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from medsemi.data.synthetic2d import SyntheticConfig, write_fundus_layout
+    from medsemi.data.synthetic.images2d import SyntheticConfig, write_fundus_layout
 
     cfg = SyntheticConfig(kind=args.kind, num_domains=args.domains, size=args.size,
                           train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
@@ -120,14 +121,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     if args.format in ("versemi", "h5"):
-        from medsemi.data.check3d import check_volumes
+        from medsemi.data.tools.check3d import check_volumes
 
         problems = check_volumes(args.root)
         for p in problems:
             print(p)
         print(f"{len(problems)} problem(s)")
         return 1 if problems else 0
-    from medsemi.data.check2d import check_dataset
+    from medsemi.data.tools.check2d import check_dataset
 
     report = check_dataset(args.root, args.format)
     print(report.to_text())
@@ -135,7 +136,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
-    from medsemi.data.convert2d import convert_to_generic
+    from medsemi.data.tools.convert2d import convert_to_generic
 
     convert_to_generic(args.format, args.root, args.out_dir, lb_domain=args.lb_domain, lb_num=args.lb_num)
     print(f"converted {args.root} ({args.format}) to the generic format in {args.out_dir}")
@@ -143,7 +144,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from medsemi.data.prepare3d import prepare_dataset
+    from medsemi.data.tools.prepare3d import prepare_dataset
 
     prepare_dataset(args.kind, args.src_dir, args.out_dir)
     print(f"prepared {args.kind} into {args.out_dir}")
@@ -164,14 +165,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_compare(args: argparse.Namespace) -> int:
-    from medsemi.evaluation.compare import compare_methods
+    from medsemi.workflows.compare import compare_methods
 
     compare_methods(args.config, args.methods.split(","), args.seeds, args.out, args.overrides)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from medsemi.evaluation.compare import run_demo
+    from medsemi.workflows.compare import run_demo
 
     run_demo(args.out, quick=args.quick)
     return 0

@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -104,6 +104,18 @@ class MetricPolicy:
 
 
 DEFAULT_POLICY = MetricPolicy()
+
+
+def policy_from_eval(section: Any) -> MetricPolicy:
+    """The policy an ``eval`` config section asks for (``both_empty_score``, ``empty_prediction_penalty``,
+    ``gt_empty_policy``, ``hd95``); duck-typed so that this leaf module needs no config import."""
+    return MetricPolicy(
+        both_empty_dice=section.both_empty_score,
+        both_empty_jaccard=section.both_empty_score,
+        empty_pred_distance=section.empty_prediction_penalty,
+        empty_gt_distance=section.empty_prediction_penalty if section.gt_empty_policy == "penalty" else None,
+        hd95_definition=section.hd95,
+    )
 
 
 def _nan_if_none(value: float | None) -> float:

@@ -23,35 +23,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from medsemi import distributed as ddp
+from medsemi.checkpoints import load_checkpoint, save_atomic
 from medsemi.config import Config, ConfigError, config_to_dict, save_config
-from medsemi.data.augment import BatchAugment
 from medsemi.data.datasets import Splits
-from medsemi.engine import distributed as ddp
-from medsemi.engine.checkpoint import load_checkpoint, save_atomic
+from medsemi.device import autocast_for, resolve_amp, resolve_device
 from medsemi.engine.ema import ema_update
-from medsemi.engine.schedules import ema_alpha, poly_lr
-from medsemi.engine.sources import PoolSource, cache_dataset
-from medsemi.evaluation.evaluate import autocast_for, evaluate_networks
+from medsemi.families.base import DatasetFamily
+from medsemi.families.images import ImageFamily
+from medsemi.families.select import build_family
 from medsemi.methods.base import Method, Progress
 from medsemi.methods.registry import get_method
-from medsemi.metrics import MetricPolicy
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available")
-    return device
-
-
-def resolve_amp(amp: str, device: torch.device) -> str:
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "off"
-    if amp not in ("off", "bf16", "fp16"):
-        raise ValueError(f"train.amp must be auto, off, bf16 or fp16, got {amp!r}")
-    return amp
+from medsemi.nets.build import build_model
+from medsemi.schedules import ema_alpha, poly_lr
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -62,17 +46,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def policy_from_config(cfg: Config) -> MetricPolicy:
-    ev = cfg.eval
-    return MetricPolicy(
-        both_empty_dice=ev.both_empty_score,
-        both_empty_jaccard=ev.both_empty_score,
-        empty_pred_distance=ev.empty_prediction_penalty,
-        empty_gt_distance=ev.empty_prediction_penalty if ev.gt_empty_policy == "penalty" else None,
-        hd95_definition=ev.hd95,
-    )
 
 
 def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -90,8 +63,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def dataset_info_dict(splits: Splits) -> dict:
-    info = splits.info
+def dataset_info_dict(family: DatasetFamily) -> dict:
+    info = family.info
     return {
         "name": info.name,
         "in_channels": info.in_channels,
@@ -106,7 +79,10 @@ def dataset_info_dict(splits: Splits) -> dict:
 class Trainer:
     """Train one method on one dataset into a run directory (see README "Run directory")."""
 
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: bool = False, splits: Splits | None = None):
+    def __init__(
+        self, cfg: Config, run_dir: str | Path, resume: bool = False, family: DatasetFamily | Splits | None = None
+    ):
+        """``family``: the dataset, when already built (2D :class:`Splits` are taken as an image family)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         if not resume and (self.run_dir / "checkpoints" / "last.pt").exists():
@@ -121,11 +97,12 @@ class Trainer:
         seed = cfg.seed + 1000 * ddp.rank()
         seed_everything(seed, cfg.train.deterministic)
 
-        from medsemi.data.build import build_splits
-        from medsemi.nets.build import build_model
-
-        self.splits = splits if splits is not None else build_splits(cfg)
-        info = self.splits.info
+        if family is None:
+            family = build_family(cfg)
+        elif isinstance(family, Splits):
+            family = ImageFamily.of(family)
+        self.family = family
+        info = family.info
         method_cls: type[Method] = get_method(cfg.method.name)
         student = build_model(cfg.model, info).to(self.device)
         teacher = None
@@ -144,36 +121,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
 
-        if hasattr(self.splits, "make_sources"):  # datasets with their own sampling (3D volumes)
-            self.labelled, self.unlabelled = self.splits.make_sources(
-                cfg, self.device, seed, method_cls.uses_unlabelled
-            )
-        else:
-            augment = BatchAugment(cfg.augment, info.label_spec)
-            bs = cfg.train
-            self.labelled = PoolSource(self.splits.labelled, bs.batch_size, self.device, seed + 2, augment)
-            self.unlabelled = None
-            if method_cls.uses_unlabelled:
-                self.unlabelled = PoolSource(
-                    self.splits.unlabelled, bs.unlabelled_batch_size, self.device, seed + 3, augment,
-                    strong=True, with_label=False,
-                )
-        self.own_eval = hasattr(self.splits, "evaluate")  # 3D: sliding-window evaluation per task
-        cache = (lambda sets: {}) if self.own_eval else (
-            lambda sets: {d: cache_dataset(ds, self.device) for d, ds in sets.items()}
+        self.labelled, self.unlabelled = family.make_sources(
+            cfg, self.device, seed, method_cls.uses_unlabelled, ddp.rank(), ddp.world_size()
         )
-        self.test_data = cache(self.splits.test)
-        self.val_data = cache(self.splits.validation)
-        self.adapt_images = None
-        if cfg.eval.bn_adaptation and not self.own_eval:
-            from medsemi.evaluation.adabn import images_by_domain
-
-            # reuse the unlabelled pool already cached for training when the method has one
-            pool = self.unlabelled.data if isinstance(self.unlabelled, PoolSource) else cache_dataset(
-                self.splits.unlabelled, self.device, with_label=False
-            )
-            self.adapt_images = images_by_domain(pool, info.domains)
-        self.policy = policy_from_config(cfg)
 
         self.iteration = 0
         self.best: dict[str, dict[str, Any]] = {
@@ -192,7 +142,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
-        (self.run_dir / "splits.json").write_text(json.dumps(self.splits.summary(), indent=2))
+        (self.run_dir / "splits.json").write_text(json.dumps(self.family.summary(), indent=2))
         metrics_path = self.run_dir / "metrics.jsonl"
         if resume and metrics_path.exists():  # drop records written after the checkpoint
             keep = [
@@ -237,7 +187,7 @@ class Trainer:
             },
             "best": self.best,
             "config": config_to_dict(self.cfg),
-            "info": dataset_info_dict(self.splits),
+            "info": dataset_info_dict(self.family),
         }
 
     def save_checkpoint(self) -> None:
@@ -252,7 +202,7 @@ class Trainer:
                     "iteration": self.iteration,
                     "score": score,
                     "config": config_to_dict(self.cfg),
-                    "info": dataset_info_dict(self.splits),
+                    "info": dataset_info_dict(self.family),
                 },
                 self.run_dir / "checkpoints" / name,
             )
@@ -330,17 +280,7 @@ class Trainer:
         nets = {"student": unwrap(self.student)}
         if self.method.teacher is not None and self.cfg.eval.evaluate_teacher:
             nets["teacher"] = self.method.teacher
-        if self.own_eval:
-            return self.splits.evaluate(nets, self.cfg, self.device, surface=surface, amp=self.amp)
-        kw = dict(
-            label_spec=self.splits.info.label_spec, policy=self.policy,
-            batch_size=self.cfg.eval.batch_size, surface=surface, amp=self.amp,
-            selection_metric=self.cfg.eval.selection_metric, adapt_images=self.adapt_images,
-        )
-        result = {"test": evaluate_networks(nets, self.test_data, **kw)}
-        if self.val_data:
-            result["val"] = evaluate_networks({"student": nets["student"]}, self.val_data, **kw)
-        return result
+        return self.family.evaluate(nets, self.cfg, self.device, surface=surface, amp=self.amp)
 
     def _periodic_eval(self) -> None:
         surface = self.cfg.eval.surface_metrics == "every"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medsemi.data.contract import LabelSpec
+from medsemi.device import autocast_for
 from medsemi.metrics import MetricPolicy, aggregate, case_metrics
 
 FAST_METRICS = ("dice", "jaccard", "smoothed_dice")
@@ -31,14 +32,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if amp == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if amp == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
 
 
 @torch.no_grad()

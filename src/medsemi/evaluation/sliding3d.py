@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from medsemi.data.nifti import write_nifti_like
+from medsemi.data.volumes.nifti import write_nifti_like
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 

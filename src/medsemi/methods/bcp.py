@@ -37,13 +37,13 @@ from dataclasses import dataclass
 import torch
 
 from medsemi.data.contract import LabelSpec
-from medsemi.engine.schedules import consistency_weight
 from medsemi.losses import seg_loss
 from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
 from medsemi.methods.mean_teacher import require_unlabelled
 from medsemi.methods.registry import register
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label
+from medsemi.schedules import consistency_weight
 
 _HERE = "methods/bcp.py"
 

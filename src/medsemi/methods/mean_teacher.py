@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from medsemi.data.contract import LabelSpec
-from medsemi.engine.schedules import consistency_weight
 from medsemi.losses import seg_loss
 from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
 from medsemi.methods.registry import register
+from medsemi.schedules import consistency_weight
 
 _HERE = "methods/mean_teacher.py"
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from medsemi.engine.schedules import consistency_weight
 from medsemi.methods.base import Batch, Method, Progress, StepOutput
 from medsemi.methods.intermediate import (
     IntermediateOptions,
@@ -21,6 +20,7 @@ from medsemi.methods.intermediate import (
 )
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
+from medsemi.schedules import consistency_weight
 
 
 @dataclass

@@ -44,7 +44,6 @@ from torch import nn
 
 from medsemi.data.augment import AugmentConfig, BatchAugment
 from medsemi.data.contract import DatasetInfo
-from medsemi.engine.schedules import consistency_weight
 from medsemi.losses import seg_loss
 from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
 from medsemi.methods.fixmatch import FixMatch, masked_unsup_loss
@@ -53,6 +52,7 @@ from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label
+from medsemi.schedules import consistency_weight
 
 _HERE = "methods/unimatch.py"
 _UNET_PARTS = ("inc", "down1", "down2", "down3", "down4", "up1", "up2", "up3", "up4", "outc")

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-from medsemi.engine.schedules import consistency_weight
 from medsemi.methods.base import Batch, Method, Progress, StepOutput
 from medsemi.methods.intermediate import (
     IntermediateOptions,
@@ -25,6 +24,7 @@ from medsemi.ops.boxes import all_cover_boxes, random_boxes
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.hardness import hardness
 from medsemi.ops.reliable_queue import ReliableQueue, pick_hardest
+from medsemi.schedules import consistency_weight
 
 LQ_MODES = ("loss", "forward_only", "off")
 

@@ -118,7 +118,7 @@ def random_box_mask(
 
 def _load_init(student: nn.Module, path: str) -> None:
     """Start from a saved model: ``best_*.pt`` (``model``) or ``last.pt`` (``method`` -> ``student.*``)."""
-    from medsemi.engine.checkpoint import load_checkpoint
+    from medsemi.checkpoints import load_checkpoint
 
     state = load_checkpoint(path, map_location="cpu")
     if "model" in state:

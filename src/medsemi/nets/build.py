@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from torch import nn
 
-from medsemi.config import ModelSection
 from medsemi.data.contract import DatasetInfo
 
 
-def build_model(model: ModelSection, info: DatasetInfo) -> nn.Module:
+class ModelChoice(Protocol):
+    """What ``build_model`` reads of the config's ``model`` section."""
+
+    name: str
+    base_channels: int
+
+
+def build_model(model: ModelChoice, info: DatasetInfo) -> nn.Module:
     if model.name == "unet2d":
         from medsemi.nets.unet2d import UNet2D
 

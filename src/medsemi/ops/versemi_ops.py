@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from medsemi.engine.schedules import sigmoid_rampup  # exp(-5 (1 - t/L)^2), one definition for all methods
+from medsemi.schedules import sigmoid_rampup  # exp(-5 (1 - t/L)^2), one definition for all methods
 
 __all__ = [
     "SYNTHETIC_TASK",

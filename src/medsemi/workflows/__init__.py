@@ -1,1 +1,1 @@
-"""What a command does: export, runs (and, after the layout move, evaluate/compare/predict)."""
+"""What a command does: evaluate a run + report, compare/demo, predict (2D/3D), export, runs."""

@@ -171,7 +171,7 @@ def write_export(module: nn.Module, folder: Path, fmt: str, spec: dict[str, Any]
 
 # ----------------------------------------------------------------------------- the command
 def _tasks(info: Any, task: str | int | None) -> list[tuple[int, str]]:
-    from medsemi.evaluation.predict3d import resolve_task
+    from medsemi.workflows.predict3d import resolve_task
 
     names = {int(k): v for k, v in info.extra.get("tasks", {}).items()} or {
         i + 1: d for i, d in enumerate(info.domains)}
@@ -192,8 +192,8 @@ def _tasks(info: Any, task: str | int | None) -> list[tuple[int, str]]:
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "onnx",
                       task: str | int | None = None, overwrite: bool = False) -> list[Path]:
     """Export a model checkpoint to ``out_dir``; returns the written model file(s)."""
-    from medsemi.evaluation.predict import codec_for, info_from_checkpoint
     from medsemi.nets.build import build_model
+    from medsemi.workflows.predict import codec_for, info_from_checkpoint
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -62,7 +62,7 @@ def load_exported(folder: Path, spec: dict[str, Any], device: str = "auto") -> t
             return torch.from_numpy(sess.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
 
         return run_onnx, torch.device("cpu")
-    from medsemi.engine.trainer import resolve_device
+    from medsemi.device import resolve_device
 
     dev = resolve_device(device)
     module = torch.jit.load(str(path), map_location=dev)
@@ -84,7 +84,7 @@ def _predict_images(net: Net, dev: torch.device, spec: dict[str, Any], labels: L
                     input_dir: Path, out_dir: Path) -> list[Path]:
     from PIL import Image
 
-    from medsemi.evaluation.predict import IMAGE_SUFFIXES, load_image
+    from medsemi.workflows.predict import IMAGE_SUFFIXES, load_image
 
     codec = codec_from_spec(spec["mask_encoding"], labels)
     channels, size = spec["input"]["channels"], spec["input"]["size"][-1]
@@ -109,9 +109,9 @@ def _predict_volumes(net: Net, dev: torch.device, spec: dict[str, Any], input_di
                      out_dir: Path) -> list[Path]:
     import nibabel as nib
 
-    from medsemi.data.nifti import load_nifti
-    from medsemi.evaluation.predict3d import _stem, back_to_shape, list_nifti, preprocess
+    from medsemi.data.volumes.nifti import load_nifti
     from medsemi.evaluation.sliding3d import save_prediction_nifti, sliding_window_predict
+    from medsemi.workflows.predict3d import _stem, back_to_shape, list_nifti, preprocess
 
     files = list_nifti(input_dir)
     sw = spec["sliding_window"]

@@ -1,6 +1,6 @@
 """The VerSemi case lists (spec versemi.md 1.2-1.3) as objects.
 
-The released lists are shipped as package data in ``medsemi/data/versemi_lists/`` (copied verbatim
+The released lists are shipped as package data in ``medsemi/data/volumes/versemi_lists/`` (copied verbatim
 from ``maxwell0027/VerSemi`` ``datalist/``, commit e331a7b; CRLF line endings and missing final
 newlines are tolerated: names are stripped, blank lines skipped). A user folder holding files with
 the same names can replace them (``list_dir``).
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from medsemi.data.volumes import TASK_NAMES, task_id_from_name
+from medsemi.data.volumes.cases import TASK_NAMES, task_id_from_name
 
 RATIOS: tuple[int, ...] = (10, 20)
 TEST_LISTS: dict[int, str] = {1: "test.txt", 2: "test_la.txt", 3: "test_spleen.txt", 4: "test_lung.txt"}
@@ -33,7 +33,7 @@ def parse_list(text: str) -> list[str]:
 def read_list(file_name: str, list_dir: str | Path | None = None) -> list[str]:
     """Read a list file from ``list_dir`` or, when None, from the shipped release lists."""
     if list_dir is None:
-        res = resources.files("medsemi.data").joinpath(PACKAGE_LISTS, file_name)
+        res = resources.files("medsemi.data.volumes").joinpath(PACKAGE_LISTS, file_name)
         if not res.is_file():
             raise FileNotFoundError(f"shipped list {file_name!r} missing from medsemi.data/{PACKAGE_LISTS}")
         return parse_list(res.read_text(encoding="utf-8"))

@@ -386,28 +386,3 @@ class FolderFormat(Format2D):
             for p in mfolder.iterdir()
             if p.is_file() and p.suffix.lower() in self.extensions and p not in expected
         )
-
-
-FORMAT_NAMES = ("fundus", "prostate", "mnms", "busi", "generic")
-
-
-def open_format(fmt: str | Format2D, root: str | Path | None = None) -> Format2D:
-    """The :class:`Format2D` called ``fmt`` bound to ``root`` (an instance is returned as is)."""
-    if isinstance(fmt, Format2D):
-        return fmt
-    if root is None:
-        raise ValueError("a root folder is needed")
-    name = fmt.lower().replace("&", "n")
-    if name == "fundus":
-        from medsemi.data.fundus import FundusFormat as cls
-    elif name == "prostate":
-        from medsemi.data.prostate import ProstateFormat as cls
-    elif name in ("mnms", "m&ms"):
-        from medsemi.data.mnms import MnmsFormat as cls
-    elif name == "busi":
-        from medsemi.data.busi import BusiFormat as cls
-    elif name == "generic":
-        from medsemi.data.generic import GenericFormat as cls
-    else:
-        raise ValueError(f"unknown 2D format {fmt!r}; known: {FORMAT_NAMES}")
-    return cls(root)

@@ -14,7 +14,7 @@ Semantics kept from ``dataset/pancreas.py`` (spec 1.6):
   excluded, as ``np.random.randint``).
 - Unlabelled: each case once per epoch, shuffled, drop_last; always the centre crop, starting at
   ``round((size - patch) / 2)`` with Python's round-half-to-even.
-- Labels: only the value 1 is foreground (done by :func:`medsemi.data.volumes.binarize_label`).
+- Labels: only the value 1 is foreground (done by :func:`medsemi.data.volumes.cases.binarize_label`).
 
 Randomness: the order of an epoch comes from ``(seed, epoch)`` (the same on every rank, each rank takes
 a strided share, as ``DistributedSampler``); crop starts come from a device generator seeded with
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsemi.data.volumes import Volume, read_cases
+from medsemi.data.volumes.cases import Volume, read_cases
 
 PatchSize = int | Sequence[int]
 

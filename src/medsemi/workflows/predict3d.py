@@ -4,7 +4,7 @@ For each ``*.nii``/``*.nii.gz`` in the input folder (macOS ``._*`` and hidden fi
 
 1. read the volume with its geometry (nibabel; axes (x, y, z) as in training, spec 1.4);
 2. apply the training preprocessing of the chosen task that does not need a label
-   (``info.extra["preprocessing"]``, written by ``data/build3d.py`` from ``data/prepare3d.py``'s
+   (``info.extra["preprocessing"]``, written by ``families/volumes.py`` from ``data/tools/prepare3d.py``'s
    recipes: resampling to the target spacing, HU clip + min-max or z-score). The ground-truth crop of
    the training data cannot be reproduced on new images, so the whole volume is segmented; synthetic
    models have no recipe and take the volume as it is;
@@ -114,10 +114,10 @@ def predict_volumes(
     """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``."""
     import nibabel as nib
 
-    from medsemi.data.build3d import predict_volume
-    from medsemi.data.nifti import load_nifti
-    from medsemi.engine.trainer import resolve_device
+    from medsemi.data.volumes.nifti import load_nifti
+    from medsemi.device import resolve_device
     from medsemi.evaluation.sliding3d import save_prediction_nifti
+    from medsemi.evaluation.volumes import predict_volume
     from medsemi.nets.build import build_model
 
     task_id = resolve_task(info, task)

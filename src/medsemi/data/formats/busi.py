@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 from medsemi.data.codecs import BUSI
-from medsemi.data.readers2d import SPLITS, Entry, Format2D, read_list_file
+from medsemi.data.formats.base import SPLITS, Entry, Format2D, read_list_file
 
 _MASK = re.compile(r"^(?P<image>.*)_mask(?:_\d+)?$")
 

@@ -8,7 +8,7 @@ to P (288) BILINEAR. Masks: RGB, resized NEAREST, decoded by ``codecs.MNMS`` (cl
 from __future__ import annotations
 
 from medsemi.data.codecs import MNMS
-from medsemi.data.readers2d import FolderFormat
+from medsemi.data.formats.base import FolderFormat
 
 
 class MnmsFormat(FolderFormat):

@@ -11,7 +11,7 @@ Sample names are prefixed with the site (``BIDMC/00_00.png``). The shipped sampl
 from __future__ import annotations
 
 from medsemi.data.codecs import PROSTATE
-from medsemi.data.readers2d import FolderFormat
+from medsemi.data.formats.base import FolderFormat
 
 
 class ProstateFormat(FolderFormat):

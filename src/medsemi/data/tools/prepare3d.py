@@ -35,8 +35,8 @@ from typing import Literal
 
 import numpy as np
 
-from medsemi.data.nifti import find_nifti_cases, read_nifti_case
-from medsemi.data.volumes import TASK_IDS, read_case, task_id_from_name, write_case
+from medsemi.data.volumes.cases import TASK_IDS, read_case, task_id_from_name, write_case
+from medsemi.data.volumes.nifti import find_nifti_cases, read_nifti_case
 
 Kind = Literal["pancreas", "la", "spleen", "lung"]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsemi.data.volumes import TASK_NAMES, Volume, task_id_from_name, write_case
+from medsemi.data.volumes.cases import TASK_NAMES, Volume, task_id_from_name, write_case
 
 
 @dataclass(frozen=True)

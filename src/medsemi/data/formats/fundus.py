@@ -10,7 +10,7 @@ Order: sorted file names (the originals used an unsorted glob or unpublished lis
 from __future__ import annotations
 
 from medsemi.data.codecs import FUNDUS
-from medsemi.data.readers2d import FolderFormat
+from medsemi.data.formats.base import FolderFormat
 
 
 class FundusFormat(FolderFormat):

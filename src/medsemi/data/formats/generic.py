@@ -51,7 +51,7 @@ Labels (the label file holds one integer per pixel; labels are always resized NE
       "test_order": {"siteA": [case ids], ...}            # optional order of the test cases per domain
     }
 
-``splits2d.build_splits("generic", root, lb_domain=None)`` uses the four lists as written (a case id is
+``formats.splits.build_splits("generic", root, lb_domain=None)`` uses the four lists as written (a case id is
 looked up in imagesTr, then imagesTs); with ``lb_domain`` set it applies the paper's rule (spec 1.2) to
 the per-domain orders (``train_order`` / ``test_order`` when given, else sorted case ids).
 """
@@ -71,7 +71,7 @@ from PIL import Image
 
 from medsemi.data.codecs import MaskCodec, index_codec
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.data.readers2d import (
+from medsemi.data.formats.base import (
     RESAMPLE,
     SPLITS,
     DataFormatError,

@@ -6,7 +6,7 @@ Layout: one flat folder, one ``<name>.h5`` per case, with two datasets:
 - ``label``: 3D array of the same shape; **only the value 1 is foreground** (spec 1.4: the
   original casts to float then long and compares ``== 1``; a 2 counts as background).
 
-Optional HDF5 attributes written by :mod:`medsemi.data.prepare3d`: ``spacing`` (mm, x/y/z),
+Optional HDF5 attributes written by :mod:`medsemi.data.tools.prepare3d`: ``spacing`` (mm, x/y/z),
 ``original_spacing``, ``task_id``, ``kind``, ``source``, ...
 
 The task id comes from the file name (spec 1.2, ``dataset/pancreas.py``): prefix ``data`` -> 1

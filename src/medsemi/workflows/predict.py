@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from medsemi.checkpoints import load_checkpoint
 from medsemi.config import config_from_dict
 from medsemi.data.codecs import CODECS, MaskCodec, index_codec
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.engine.checkpoint import load_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -53,7 +53,7 @@ def load_image(path: Path, channels: int, size: int) -> tuple[torch.Tensor, tupl
 
 def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: str | Path,
                    device: str = "auto", task: int | None = None) -> list[Path]:
-    from medsemi.engine.trainer import resolve_device
+    from medsemi.device import resolve_device
     from medsemi.nets.build import build_model
 
     state = load_checkpoint(checkpoint)
@@ -62,7 +62,7 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     cfg = config_from_dict(state["config"])
     info = info_from_checkpoint(state)
     if len(info.patch_size) == 3:
-        from medsemi.evaluation.predict3d import predict_volumes
+        from medsemi.workflows.predict3d import predict_volumes
 
         return predict_volumes(state, cfg, info, input_dir, output_dir, device, task)
     dev = resolve_device(device)

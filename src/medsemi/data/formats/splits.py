@@ -29,7 +29,8 @@ import numpy as np
 
 from medsemi.data.contract import DatasetInfo
 from medsemi.data.datasets import Splits
-from medsemi.data.readers2d import Entry, Format2D, open_format
+from medsemi.data.formats.base import Entry, Format2D
+from medsemi.data.formats.registry import open_format
 
 # spec 1.2 table: hard-coded ``domain_len`` (train) and test counts per domain (None: not in the code)
 _EXPECTED: dict[str, dict[str, dict[str, int | None]]] = {

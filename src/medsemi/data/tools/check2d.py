@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medsemi.data.readers2d import (
+from medsemi.data.formats.base import (
     SPLITS,
     DataFormatError,
     Entry,
     Format2D,
     PairLoader,
-    open_format,
 )
+from medsemi.data.formats.registry import open_format
 
 _MAX_VALUES = 32  # label values listed per split
 
@@ -169,7 +169,7 @@ class _Checker:
         """Checks the image file(s); returns (H, W) or None when unreadable."""
         rep = self.report
         if self.generic:
-            from medsemi.data.generic import read_array
+            from medsemi.data.formats.generic import read_array
 
             shapes, chans = set(), 0
             for f in e.images:
@@ -250,7 +250,7 @@ class _Checker:
         for m in e.masks:
             try:
                 if self.generic:
-                    from medsemi.data.generic import read_label_array
+                    from medsemi.data.formats.generic import read_label_array
 
                     arr = read_label_array(m)
                     mhw, raw = arr.shape[:2], (arr if self.deep else None)
@@ -385,7 +385,7 @@ def check_dataset(
                 report.add("error", "splits_json", str(exc), fmt.root / "splits.json")
     expected: dict[str, dict[str, int | None]] = {}
     if compare_counts:
-        from medsemi.data.splits2d import _EXPECTED
+        from medsemi.data.formats.splits import _EXPECTED
 
         expected = _EXPECTED.get(fmt.name, {})
     checker = _Checker(fmt, loader, report, deep, {Path(p).resolve() for p in mask_optional}, generic_needed)

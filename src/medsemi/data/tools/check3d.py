@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsemi.data.volumes import case_path
+from medsemi.data.volumes.cases import case_path
 
 
 def _check_file(path: Path, allowed_labels: Sequence[int], require_label: bool) -> list[str]:

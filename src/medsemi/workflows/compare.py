@@ -49,7 +49,7 @@ def run_label(method: str) -> str:
 
 def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
     from medsemi.engine.trainer import Trainer
-    from medsemi.evaluation.report import evaluate_run
+    from medsemi.workflows.evaluate_run import evaluate_run
 
     if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
         return json.loads((run_dir / "eval.json").read_text())
@@ -60,7 +60,7 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
     trainer.fit()
     if not trainer.finished:  # interrupted (Ctrl-C / SIGTERM): the checkpoint is written, stop here
         raise SystemExit(f"interrupted in {run_dir}; run the same command again to resume")
-    return evaluate_run(run_dir, cfg=cfg, splits=trainer.splits, device=str(trainer.device))
+    return evaluate_run(run_dir, cfg=cfg, family=trainer.family, device=str(trainer.device))
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

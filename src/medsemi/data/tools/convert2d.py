@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medsemi.data.readers2d import Entry, Format2D, MissingMaskError, PairLoader, open_format
-from medsemi.data.splits2d import split_lists
+from medsemi.data.formats.base import Entry, Format2D, MissingMaskError, PairLoader
+from medsemi.data.formats.registry import open_format
+from medsemi.data.formats.splits import split_lists
 
 
 def case_id(entry: Entry, domain: str, split: str = "train") -> str:

@@ -1,16 +1,17 @@
-"""VerSemi 3D data for the engine (spec versemi.md 1.2-1.8, 4): splits, batch sources, evaluation.
+"""The 3D volume family (spec versemi.md 1.2-1.8, 4): VerSemi splits, crop sources, per-task evaluation.
 
-``build_versemi_splits(cfg)`` serves two ``data.format`` values:
+``build_volume_family(cfg)`` serves two ``data.format`` values:
 
 - ``versemi``: the release layout (spec 1.4), one ``<data.root>/<name>.h5`` per case; the lists
   ``train_lab_<ratio>``/``train_unlab_<ratio>`` and the four test lists come from the package
   (the released ``datalist/``) or from ``data.list_dir``; ``data.options.ratio`` is 10 or 20.
-- ``synthetic3d``: the embedded four-task stand-in (:mod:`medsemi.data.synthetic3d`), generated in
+- ``synthetic3d``: the embedded four-task stand-in (:mod:`medsemi.data.synthetic.volumes3d`), generated in
   memory, or written once into ``data.root`` (a cache folder) and read back like real data.
 
-The returned :class:`VerSemiSplits` has the two engine hooks (``engine/trainer.py``):
-``make_sources`` (device-side crop samplers of spec 1.6 with exact resume) and ``evaluate``
-(per-task sliding-window inference, spec 4.1-4.4, scored with the VerSemi metric rules of 4.3).
+The returned :class:`VolumeFamily` is a dataset family (:mod:`medsemi.families.base`): its batch sources
+are device-side crop samplers (spec 1.6, exact resume; :mod:`medsemi.data.volumes.crop_source`) and its
+evaluation is per-task sliding-window inference (spec 4.1-4.4) scored with the VerSemi metric rules of 4.3
+(:mod:`medsemi.evaluation.volumes`).
 
 ``data.options`` keys (all optional):
 
@@ -38,22 +39,34 @@ The crop size is ``data.patch_size`` (96 in the paper). The training batch size 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from medsemi.config import Config, ConfigError
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.data.sampling3d import CropSampler, VolumeBank
-from medsemi.data.versemi_splits import TEST_LISTS, VerSemiSplit, load_versemi_split
-from medsemi.data.volumes import TASK_NAMES, Volume, read_cases
+from medsemi.data.synthetic.volumes3d import (
+    Synthetic3DConfig,
+    generate_synthetic_volumes,
+    synthetic_lists,
+    write_synthetic_dataset,
+)
+from medsemi.data.tools.check3d import check_volumes
+from medsemi.data.tools.prepare3d import RECIPES, Recipe
+from medsemi.data.volumes.cases import TASK_NAMES, Volume, read_cases
+from medsemi.data.volumes.crop_source import CropSource
+from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
+from medsemi.data.volumes.sampling import CropSampler, VolumeBank
+from medsemi.evaluation.volumes import evaluate_volume_network
+from medsemi.families.base import DataError
+from medsemi.methods.registry import get_method
+from medsemi.metrics import MetricPolicy, policy_from_eval
 
 LABEL_SPEC = LabelSpec("exclusive", ("background", "foreground"))
-CLASS_NAME = "foreground"
+VOLUME_FORMATS = ("versemi", "synthetic3d")
 DEFAULT_STRIDES = (16, 16, 4)
 _OPTION_KEYS = {
     "ratio", "repeats", "strides", "lcc", "selection", "metric_policy", "sw_batch_size", "bank_device",
@@ -63,77 +76,10 @@ _SYNTHETIC_KEYS = {"n_per_task", "size_min", "size_max", "other_prob", "seed", "
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-# --------------------------------------------------------------------------- batch sources
-class CropSource:
-    """Endless stream of crop batches for the engine: ``next()``, ``state_dict()``, ``load_state_dict()``.
-
-    Wraps a :class:`~medsemi.data.sampling3d.CropSampler` (epoch order from ``(seed, epoch)``, crops by
-    one gather). Random crop starts come from one device generator whose state is checkpointed, so a
-    resumed run draws the very same crops (``tests/test_versemi_method.py``). Epochs follow each other
-    without a break: labelled and unlabelled streams each cycle their own epochs (the original ends a
-    stage-2 epoch at the shorter loader and restarts both; that only changes which batches meet).
-    """
-
-    def __init__(self, sampler: CropSampler) -> None:
-        if len(sampler) < 1:
-            raise ValueError(
-                f"{sampler.bank.names[:3]}...: {sampler.num_items} crops per epoch cannot fill one batch of "
-                f"{sampler.batch_size} (drop_last); lower the batch size or add cases"
-            )
-        self.sampler = sampler
-        self.bank = sampler.bank
-        self.position = 0
-        self.generator: torch.Generator | None = None
-        if sampler.mode == "random":
-            self.generator = torch.Generator(device=self.bank.device)
-            self.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank)
-        self._order = self._epoch_order()
-
-    def _epoch_order(self) -> torch.Tensor:
-        return self.sampler.epoch_order().to(self.bank.device)
-
-    def next(self) -> dict[str, torch.Tensor]:
-        if self.position >= len(self.sampler):
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-            self._order = self._epoch_order()
-            self.position = 0
-        bs = self.sampler.batch_size
-        index = self._order[self.position * bs : (self.position + 1) * bs]
-        self.position += 1
-        if self.generator is not None:
-            starts = self.bank.random_starts(index, self.generator)
-        else:
-            starts = self.bank.centre_starts[index]
-        image, label = self.bank.crop(index, starts)
-        task = self.bank.task_ids[index]
-        batch = {"image": image, "task": task, "domain": task - 1, "index": index, "start": starts}
-        if self.sampler.with_label and label is not None:
-            batch["label"] = label
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.sampler.epoch,
-            "position": self.position,
-            "generator": self.generator.get_state() if self.generator is not None else None,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.set_epoch(int(state["epoch"]))
-        self._order = self._epoch_order()
-        self.position = int(state["position"])
-        if self.generator is not None and state.get("generator") is not None:
-            self.generator.set_state(state["generator"].cpu())
-
-    def __len__(self) -> int:
-        """Iterations per epoch of this stream (spec 1.8)."""
-        return len(self.sampler)
-
-
-# --------------------------------------------------------------------------- splits object
+# --------------------------------------------------------------------------- the family
 @dataclass
-class VerSemiSplits:
-    """Everything the engine needs from a VerSemi dataset (see the module docstring)."""
+class VolumeFamily:
+    """A VerSemi-style multi-task volume dataset as the engine sees it (see the module docstring)."""
 
     info: DatasetInfo
     split: VerSemiSplit
@@ -142,26 +88,21 @@ class VerSemiSplits:
     test_volumes: dict[int, list[Volume]]
     options: dict[str, Any]
     source: str
-    test: dict = field(default_factory=dict)  # the engine's 2D caches stay empty: evaluate() is used
-    validation: dict = field(default_factory=dict)
 
-    # -- engine hook 1: sources -----------------------------------------------------------------
     def make_sources(
-        self, cfg: Config, device: torch.device, seed: int, uses_unlabelled: bool
+        self, cfg: Config, device: torch.device, seed: int, uses_unlabelled: bool, rank: int = 0, world_size: int = 1
     ) -> tuple[CropSource, CropSource | None]:
         """Labelled random-crop stream (x repeats, shuffled, drop_last) and the unlabelled centre-crop
-        stream (spec 1.6); the latter only when the method (and its options) use unlabelled data."""
-        from medsemi.engine import distributed as ddp
-
+        stream (spec 1.6); the latter only when the method (and its options) use unlabelled data.
+        Every rank uses the same epoch order (from ``cfg.seed``) and takes a strided share of it."""
         bank_dev = device if self.options["bank_device"] == "train" else torch.device("cpu")
         dtype = _DTYPES[self.options["image_dtype"]]
         patch = self.info.patch_size
-        base_seed = cfg.seed  # the same epoch order on every rank; each rank takes a strided share
-        rank, world = ddp.rank(), ddp.world_size()
+        base_seed = cfg.seed
         lab_bank = VolumeBank(self.labelled_volumes, patch, device=bank_dev, image_dtype=dtype)
         labelled = CropSource(CropSampler(
             lab_bank, cfg.train.batch_size, mode="random", repeats=int(self.options["repeats"]),
-            seed=base_seed + 2, rank=rank, world_size=world,
+            seed=base_seed + 2, rank=rank, world_size=world_size,
         ))
         needs = uses_unlabelled and bool(getattr(cfg.method, "needs_unlabelled", True))
         if not needs:
@@ -174,94 +115,38 @@ class VerSemiSplits:
                               image_dtype=dtype)
         unlabelled = CropSource(CropSampler(
             unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
-            seed=base_seed + 3, rank=rank, world_size=world,
+            seed=base_seed + 3, rank=rank, world_size=world_size,
         ))
         return labelled, unlabelled
 
-    # -- engine hook 2: evaluation --------------------------------------------------------------
     def evaluate(
         self, networks: dict[str, nn.Module], cfg: Config, device: torch.device, surface: bool = False,
-        amp: str = "off",
+        amp: str = "off", validation: bool = True,
     ) -> dict[str, dict[str, dict]]:
-        """Per-task sliding-window evaluation of every network on the test lists (spec 4.1-4.4).
+        """Per-task sliding-window evaluation of every network on the test lists (spec 4.1-4.5;
+        :mod:`medsemi.evaluation.volumes`). There is no validation split."""
+        policy = self.metric_policy(cfg)
+        return {"test": {
+            role: evaluate_volume_network(net, self.test_volumes, cfg, self.options, policy, device, surface, amp,
+                                          self.source)
+            for role, net in networks.items()
+        }}
 
-        Each test volume is segmented with its own task id (the synthetic task is never evaluated);
-        records carry the task name as ``domain``. ``mean_dice`` is the model-selection score:
-        the pancreas test Dice with ``selection: pancreas`` (spec 4.5), else the macro mean over
-        tasks; the macro mean over tasks is always in ``mean_dice_tasks``.
-        """
-        return {"test": {role: self.evaluate_network(net, cfg, device, surface, amp)
-                         for role, net in networks.items()}}
+    def write_overlays(self, model: nn.Module, cfg: Config, device: torch.device, out_dir: Path) -> list[Path]:
+        """Volumes get no overlay pictures."""
+        return []
 
-    def evaluate_network(
-        self, net: nn.Module, cfg: Config, device: torch.device, surface: bool = False, amp: str = "off"
-    ) -> dict:
-        from medsemi.metrics import aggregate
-
-        records = []
-        for task, vols in self.test_volumes.items():
-            for vol in vols:
-                pred = predict_volume(net, vol.image, task, cfg, self.options, device, amp)
-                records.append(score_case(pred, vol, self.metric_policy(cfg), surface))
-        if not records:
-            raise ValueError(f"{self.source}: no test volumes to evaluate")
-        agg = aggregate(records)
-        agg["mean_dice_tasks"] = agg["mean_dice"]
-        sel = self.options["selection"]
-        if sel != "mean":
-            agg["mean_dice"] = agg["per_domain"].get(sel, {}).get(CLASS_NAME, {}).get("dice", float("nan"))
-        agg["selection"] = sel
-        agg["records"] = records
-        return agg
-
-    def metric_policy(self, cfg: Config) -> Any:
-        from medsemi.metrics import MetricPolicy
-
+    def metric_policy(self, cfg: Config) -> MetricPolicy:
+        """VerSemi's empty-prediction rule (spec 4.3) or the ``eval`` section's rules."""
         if self.options["metric_policy"] == "versemi":
             return MetricPolicy.versemi()
-        from medsemi.engine.trainer import policy_from_config
-
-        return policy_from_config(cfg)
+        return policy_from_eval(cfg.eval)
 
     def summary(self) -> dict[str, Any]:
         out = dict(self.split.summary())
         out.update({"format": self.info.name, "source": self.source, "lists": self.split.source,
                     "patch_size": list(self.info.patch_size), "repeats": self.options["repeats"]})
         return out
-
-
-# --------------------------------------------------------------------------- prediction + scoring
-def predict_volume(
-    net: nn.Module, image: np.ndarray, task: int, cfg: Config, options: dict[str, Any], device: torch.device,
-    amp: str = "off",
-) -> np.ndarray:
-    """Binary mask (uint8, image shape) of one volume queried with ``task`` (spec 4.2; LCC of 4.4)."""
-    from medsemi.evaluation.evaluate import autocast_for, eval_mode
-    from medsemi.evaluation.sliding3d import sliding_window_predict
-
-    def predictor(x: torch.Tensor) -> torch.Tensor:
-        ids = torch.full((x.shape[0],), int(task), dtype=torch.long, device=x.device)
-        with autocast_for(x.device, amp):
-            return net(x, ids).float()
-
-    with eval_mode(net):
-        return sliding_window_predict(
-            image, predictor, window=int(cfg.data.patch_size), strides=tuple(options["strides"]),
-            lcc=bool(options["lcc"]), sw_batch_size=int(options["sw_batch_size"]), device=device,
-        )
-
-
-def score_case(pred: np.ndarray, vol: Volume, policy: Any, surface: bool) -> dict:
-    """Metrics record of one case (spec 4.3): Dice, Jaccard, and with ``surface`` HD95/ASD in voxels
-    plus ``hd95_mm``/``asd_mm`` when the file stores a spacing."""
-    from medsemi.metrics import case_metrics
-
-    if vol.label is None:
-        raise ValueError(f"{vol.name}: test case has no label")
-    metrics = ("dice", "jaccard", "hd95", "asd") if surface else ("dice", "jaccard")
-    m = case_metrics(pred[None].astype(bool), vol.label[None].astype(bool), (CLASS_NAME,), vol.spacing,
-                     policy, metrics)
-    return {"domain": TASK_NAMES[vol.task_id], "case": vol.name, "metrics": m}
 
 
 # --------------------------------------------------------------------------- builder
@@ -309,8 +194,6 @@ def _options(cfg: Config) -> dict[str, Any]:
 
 
 def _synthetic_config(opts: dict[str, Any]) -> tuple[Any, float]:
-    from medsemi.data.synthetic3d import Synthetic3DConfig
-
     s = dict(opts["synthetic"] or {})
     syn = Synthetic3DConfig(
         n_per_task=int(s.get("n_per_task", 6)),
@@ -331,18 +214,12 @@ def _split_from_lists(lists: dict[str, list[str]], ratio: int, source: str) -> V
     return split
 
 
-def build_versemi_splits(cfg: Config) -> VerSemiSplits:
+def build_volume_family(cfg: Config) -> VolumeFamily:
     """Splits for ``data.format`` ``versemi`` (HDF5 folder) or ``synthetic3d`` (embedded data)."""
     data = cfg.data
     opts = _options(cfg)
     ratio = opts["ratio"]
     if data.format == "synthetic3d":
-        from medsemi.data.synthetic3d import (
-            generate_synthetic_volumes,
-            synthetic_lists,
-            write_synthetic_dataset,
-        )
-
         syn, test_fraction = _synthetic_config(opts)
         if data.root:  # cache folder: write once, then read back like real data
             root = Path(data.root)
@@ -371,7 +248,7 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
         name = "versemi"
     else:
         raise ConfigError(
-            f"build_versemi_splits: data.format must be versemi or synthetic3d, got {data.format!r}"
+            f"build_volume_family: data.format must be versemi or synthetic3d, got {data.format!r}"
         )
 
     def load(names: tuple[str, ...], with_label: bool = True) -> list[Volume]:
@@ -381,8 +258,6 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
 
     labelled = load(split.labelled)
     needs_unl = bool(getattr(cfg.method, "needs_unlabelled", True))
-    from medsemi.methods.registry import get_method
-
     needs_unl = needs_unl and get_method(cfg.method.name).uses_unlabelled
     unlabelled = load(split.unlabelled, with_label=False) if needs_unl else []
     test = {t: load(names) for t, names in split.test.items() if names}
@@ -398,15 +273,13 @@ def build_versemi_splits(cfg: Config) -> VerSemiSplits:
             "preprocessing": _preprocessing_extra(name),
         },
     )
-    return VerSemiSplits(info, split, labelled, unlabelled, test, opts, source)
+    return VolumeFamily(info, split, labelled, unlabelled, test, opts, source)
 
 
 def _preprocessing_extra(name: str) -> dict[str, Any]:
     """Per-task intensity/spacing recipe that ``predict3d`` applies to raw NIfTI inputs (none: synthetic)."""
     if name != "versemi":
         return {}
-    from medsemi.data.prepare3d import RECIPES, Recipe
-
     out: dict[str, Any] = {}
     for rec in RECIPES.values():
         assert isinstance(rec, Recipe)
@@ -422,9 +295,6 @@ def _preprocessing_extra(name: str) -> dict[str, Any]:
 
 def _check_folder(root: Path, split: VerSemiSplit) -> None:
     """``medsemi data check`` on the listed cases; refuse to train when it finds errors (``data.check``)."""
-    from medsemi.data.build import DataError
-    from medsemi.data.check3d import check_volumes
-
     problems = check_volumes(root, [*split.train_pool, *split.all_test])
     if problems:
         raise DataError(

@@ -1,0 +1,80 @@
+"""Evaluate a finished (or running) run directory: every checkpoint role with every metric, then
+``eval.json``, ``report.md``, ``curves.png`` and prediction overlays (``overlays/<domain>.png``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medsemi.checkpoints import load_checkpoint
+from medsemi.config import Config, load_config
+from medsemi.data.contract import DatasetInfo
+from medsemi.device import resolve_device
+from medsemi.evaluation.report import CHECKPOINTS, plot_curves, render_report
+from medsemi.families.base import DatasetFamily
+from medsemi.families.select import build_family
+from medsemi.nets.build import build_model
+
+
+def load_network(
+    run_dir: Path, which: str, cfg: Config, info: DatasetInfo, device: torch.device
+) -> tuple[nn.Module, int] | None:
+    """The network of one checkpoint role and the iteration it was saved at, or None when the run has
+    no such checkpoint."""
+    file, _ = CHECKPOINTS[which]
+    path = run_dir / "checkpoints" / file
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, map_location=device)
+    model = build_model(cfg.model, info).to(device)
+    iteration = int(state["iteration"])
+    if which.startswith("best"):
+        model.load_state_dict(state["model"])
+        return model, iteration
+    prefix = "student." if which == "last_student" else "teacher."
+    sub = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    if not sub:
+        return None
+    sub = {k.replace("_orig_mod.", ""): v for k, v in sub.items()}
+    model.load_state_dict(sub)
+    return model, iteration
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    which: tuple[str, ...] = tuple(CHECKPOINTS),
+    device: str = "auto",
+    family: DatasetFamily | None = None,
+    cfg: Config | None = None,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate the chosen checkpoints of a run with every metric; write the report files into
+    ``out_dir`` (default: the run directory). ``family``: the run's dataset, when already built."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg or load_config(run_dir / "config.yaml")
+    dev = resolve_device(device)
+    family = family or build_family(cfg)
+    results: dict[str, Any] = {}
+    for role in which:
+        loaded = load_network(run_dir, role, cfg, family.info, dev)
+        if loaded is None:
+            continue
+        model, iteration = loaded
+        surface = cfg.eval.surface_metrics != "never"
+        res = family.evaluate({role: model}, cfg, dev, surface=surface, amp="off", validation=False)["test"][role]
+        res["iteration"] = iteration
+        results[role] = res
+        if role == "best_test" or (role == "last_student" and "best_test" not in results):
+            family.write_overlays(model, cfg, dev, out / "overlays")
+    if not results:
+        raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
+    plot_curves(run_dir)
+    (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
+    (out / "report.md").write_text(render_report(cfg, results, family))
+    return results
