@@ -27,7 +27,7 @@ from torch import nn
 from medsemi.config import config_from_dict
 from medsemi.workflows.export_readme import readme_text
 from medsemi.workflows.export_spec import FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, spec_2d, spec_3d
-from medsemi.workflows.safe_load import CheckpointError, load_weights_only
+from medsemi.workflows.safe_load import load_model_checkpoint
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 OPSET = 17
@@ -51,25 +51,7 @@ class SingleTask(nn.Module):
         return self.net(image, ids)
 
 
-# ----------------------------------------------------------------------------- reading the checkpoint
-def load_model_checkpoint(path: str | Path) -> dict:
-    """A model checkpoint (``best_test.pt``, ``best_val.pt``), read without running code."""
-    path = Path(path)
-    state = load_weights_only(path)
-    if "model" not in state:
-        models = sorted(p.name for p in path.parent.glob("*.pt") if p.name != "last.pt")
-        hint = ", ".join(models) if models else "best_test.pt or best_val.pt"
-        if "optimizer" in state or "method" in state:
-            raise CheckpointError(f"{path}: this is the training state for resuming, not a model; "
-                                  f"export a model checkpoint from the same folder ({hint})")
-        raise CheckpointError(f"{path}: holds no 'model' weights; export a model checkpoint ({hint})")
-    missing = [k for k in ("config", "info") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: model checkpoint without {', '.join(missing)}; it was not written by "
-                              "medsemi train")
-    return state
-
-
+# ----------------------------------------------------------------------------- the output folder
 def prepare_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -194,6 +176,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "o
     """Export a model checkpoint to ``out_dir``; returns the written model file(s)."""
     from medsemi.nets.build import build_model
     from medsemi.workflows.predict import codec_for, info_from_checkpoint
+    from medsemi.workflows.predict3d import sliding_options
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -220,11 +203,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "o
         return [write_export(net, out, fmt, spec, (1, c, h, w), [(1, c, h, w), (2, c, h + 16, w + 32)],
                              {0: "batch", 2: "height", 3: "width"}, source)]
     win = tuple(int(s) for s in info.patch_size)
-    options = {
-        "strides": list(info.extra.get("strides", cfg.data.options.get("strides", (16, 16, 4)))),
-        "lcc": bool(info.extra.get("lcc", cfg.data.options.get("lcc", False))),
-        "sw_batch_size": int(cfg.data.options.get("sw_batch_size", 4)),
-    }
+    options = sliding_options(info, cfg)
     written = []
     for tid, name in tasks:
         folder = out / f"task{tid}-{name}" if len(tasks) > 1 else out

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medsemi.data.contract import LabelSpec
@@ -76,55 +77,19 @@ def predict_from_export(folder: str | Path, input_dir: str | Path, output_dir: s
     net, dev = load_exported(folder, spec, device)
     labels = LabelSpec(spec["labels"]["kind"], tuple(spec["labels"]["class_names"]))
     if spec["dims"] == 2:
-        return _predict_images(net, dev, spec, labels, Path(input_dir), Path(output_dir))
-    return _predict_volumes(net, dev, spec, Path(input_dir), Path(output_dir))
+        from medsemi.workflows.predict import segment_images
 
+        codec = codec_from_spec(spec["mask_encoding"], labels)
+        return segment_images(net, dev, labels, codec, spec["input"]["channels"], spec["input"]["size"][-1],
+                              input_dir, output_dir)
+    from medsemi.evaluation.sliding3d import sliding_window_predict
+    from medsemi.workflows.predict3d import segment_volumes
 
-def _predict_images(net: Net, dev: torch.device, spec: dict[str, Any], labels: LabelSpec,
-                    input_dir: Path, out_dir: Path) -> list[Path]:
-    from PIL import Image
-
-    from medsemi.workflows.predict import IMAGE_SUFFIXES, load_image
-
-    codec = codec_from_spec(spec["mask_encoding"], labels)
-    channels, size = spec["input"]["channels"], spec["input"]["size"][-1]
-    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    with torch.no_grad():
-        for path in files:
-            image, (w, h) = load_image(path, channels, size)
-            logits = net(image[None].to(dev)).float()
-            logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            label = labels.predict(logits)[0].cpu().numpy()
-            target = out_dir / (path.stem + ".png")
-            Image.fromarray(codec.encode(label)).save(target)
-            written.append(target)
-    return written
-
-
-def _predict_volumes(net: Net, dev: torch.device, spec: dict[str, Any], input_dir: Path,
-                     out_dir: Path) -> list[Path]:
-    import nibabel as nib
-
-    from medsemi.data.volumes.nifti import load_nifti
-    from medsemi.evaluation.sliding3d import save_prediction_nifti, sliding_window_predict
-    from medsemi.workflows.predict3d import _stem, back_to_shape, list_nifti, preprocess
-
-    files = list_nifti(input_dir)
     sw = spec["sliding_window"]
-    recipe = spec["input"]["recipe"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in files:
-        vol = load_nifti(path)
-        image = preprocess(vol.data, vol.spacing, recipe, source=str(path))
-        mask = sliding_window_predict(image, net, window=tuple(sw["window"]), strides=tuple(sw["strides"]),
+
+    def predict_mask(image: np.ndarray) -> np.ndarray:
+        return sliding_window_predict(image, net, window=tuple(sw["window"]), strides=tuple(sw["strides"]),
                                       lcc=bool(sw["largest_connected_component"]),
                                       sw_batch_size=int(sw["sw_batch_size"]), device=dev)
-        mask = back_to_shape(mask, vol.data.shape)
-        target = out_dir / f"{_stem(path)}.nii.gz"
-        written.append(save_prediction_nifti(mask, nib.load(str(path)), target))
-    return written
+
+    return segment_volumes(predict_mask, spec["input"]["recipe"], input_dir, output_dir)

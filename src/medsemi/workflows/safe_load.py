@@ -42,3 +42,21 @@ def load_weights_only(path: str | Path, mmap: bool = False) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a medsemi checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+def load_model_checkpoint(path: str | Path) -> dict:
+    """A model checkpoint (``best_test.pt``, ``best_val.pt``) with its config and dataset info."""
+    path = Path(path)
+    state = load_weights_only(path)
+    if "model" not in state:
+        models = sorted(p.name for p in path.parent.glob("*.pt") if p.name != "last.pt")
+        hint = ", ".join(models) if models else "best_test.pt or best_val.pt"
+        if "optimizer" in state or "method" in state:
+            raise CheckpointError(f"{path}: this is the training state for resuming, not a model; "
+                                  f"use a model checkpoint from the same folder ({hint})")
+        raise CheckpointError(f"{path}: holds no 'model' weights; use a model checkpoint ({hint})")
+    missing = [k for k in ("config", "info") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: model checkpoint without {', '.join(missing)}; it was not written by "
+                              "medsemi train")
+    return state
