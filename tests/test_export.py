@@ -126,6 +126,8 @@ def test_2d_export_matches_pytorch_with_dynamic_batch_and_size(tmp_path, fmt):
     assert spec["input"]["channels"] == 3 and spec["input"]["size"] == [32, 32]
     assert spec["labels"]["kind"] == "multilabel" and spec["labels"]["class_names"] == ["cup", "disc"]
     assert spec["mask_encoding"]["name"] == "fundus"
+    with pytest.raises(ExportError, match="--task is for task-prompted 3D models"):
+        export_checkpoint(tmp_path / "ckpt" / "best_test.pt", tmp_path / "out2", fmt=fmt, task="1")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a folder written by medsemi export")
     p.add_argument("input_dir", help="folder of images (PNG/JPG for 2D models, NIfTI for 3D models)")
     p.add_argument("output_dir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (ONNX exports run on the CPU)")
     p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
     p.set_defaults(func=cmd_predict)
 

@@ -189,6 +189,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, fmt: str = "o
     net.load_state_dict(state["model"])
     net.eval()
     if len(info.patch_size) == 2:
+        if task is not None:
+            raise ExportError(f"{ckpt}: --task is for task-prompted 3D models; this is a 2D model")
         tasks: list[tuple[int, str]] = []
     else:
         tasks = _tasks(info, task)  # before touching OUT_DIR: a bad --task leaves it as it was
