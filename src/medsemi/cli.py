@@ -1,5 +1,5 @@
-"""The one entry point: ``medsemi train | evaluate | predict | import-checkpoint | score | data | methods | bench |
-demo``."""
+"""The one entry point: ``medsemi train | evaluate | predict | export | runs | import-checkpoint | score | data |
+methods | bench | demo``."""
 
 from __future__ import annotations
 
@@ -82,10 +82,32 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from medsemi.workflows.predict import predict_folder
+    from medsemi.workflows.predict_export import is_export_dir
 
-    written = predict_folder(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
+    if is_export_dir(args.checkpoint):
+        from medsemi.workflows.predict_export import predict_from_export as predict
+    else:
+        from medsemi.workflows.predict import predict_folder as predict
+    written = predict(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
     print(f"wrote {len(written)} mask(s) to {args.output_dir}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medsemi.workflows.export import export_checkpoint
+
+    written = export_checkpoint(args.checkpoint, args.out_dir, fmt=args.format, task=args.task,
+                                overwrite=args.overwrite)
+    for path in written:
+        print(f"wrote {path} (+ preprocessing.json, README.md)")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from medsemi.workflows.runs import list_runs, runs_json, runs_table
+
+    runs = list_runs(args.dir)
+    print(runs_json(runs) if args.json else (runs_table(runs) if runs else f"no run directories under {args.dir}"))
     return 0
 
 
@@ -201,10 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment new images with a checkpoint; masks in the dataset's encoding")
-    p.add_argument("checkpoint", help="a .pt file from a run's checkpoints/ (best_test.pt, best_val.pt)")
+    p.add_argument("checkpoint", help="a .pt file from a run's checkpoints/ (best_test.pt, best_val.pt), "
+                   "or a folder written by medsemi export")
     p.add_argument("input_dir", help="folder of images (PNG/JPG for 2D models, NIfTI for 3D models)")
     p.add_argument("output_dir")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (ONNX exports run on the CPU)")
     p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
     p.set_defaults(func=cmd_predict)
 
@@ -216,6 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment config the model belongs to (default: the paper's VerSemi setting)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of --config")
     p.set_defaults(func=cmd_import_checkpoint)
+    p = sub.add_parser("export", help="export a model checkpoint to ONNX or TorchScript (+ preprocessing.json)",
+                       description="Write OUT_DIR/model.onnx or model.pt, preprocessing.json and a README with "
+                       "a runnable example. Example: medsemi export runs/x/checkpoints/best_test.pt exported/")
+    p.add_argument("checkpoint", help="a model checkpoint (best_test.pt, best_val.pt; not last.pt)")
+    p.add_argument("out_dir")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("--task", help="3D task-prompted models: a task id, or 'all' for one sub-folder per task")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("runs", help="list run directories: method, dataset, progress, scores, status")
+    p.add_argument("dir", nargs="?", default="runs", help="folder to search (default: runs)")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+    p.set_defaults(func=cmd_runs)
 
     p = sub.add_parser("score", help="score a folder of predicted masks against ground truth (evaluate_folder)")
     p.add_argument("pred_dir")

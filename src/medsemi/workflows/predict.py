@@ -3,16 +3,17 @@ dataset's own encoding (PNG, same file names, original image size)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from medsemi.checkpoints import load_checkpoint
 from medsemi.config import config_from_dict
 from medsemi.data.codecs import CODECS, MaskCodec, index_codec
 from medsemi.data.contract import DatasetInfo, LabelSpec
+from medsemi.workflows.safe_load import load_model_checkpoint
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -56,9 +57,7 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     from medsemi.device import resolve_device
     from medsemi.nets.build import build_model
 
-    state = load_checkpoint(checkpoint)
-    if "model" not in state:
-        raise ValueError(f"{checkpoint}: not a model checkpoint (use best_test.pt or best_val.pt)")
+    state = load_model_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     info = info_from_checkpoint(state)
     if len(info.patch_size) == 3:
@@ -69,7 +68,14 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     model = build_model(cfg.model, info).to(dev)
     model.load_state_dict(state["model"])
     model.eval()
-    codec = codec_for(info)
+    return segment_images(model, dev, info.label_spec, codec_for(info), info.in_channels, info.patch_size[-1],
+                          input_dir, output_dir)
+
+
+def segment_images(net: Callable[[torch.Tensor], torch.Tensor], dev: torch.device, label_spec: LabelSpec,
+                   codec: MaskCodec, channels: int, size: int, input_dir: str | Path,
+                   output_dir: str | Path) -> list[Path]:
+    """Every image of ``input_dir`` -> ``net`` -> logits resized to the image -> mask PNG in ``codec``."""
     files = sorted(p for p in Path(input_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise FileNotFoundError(f"{input_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
@@ -78,10 +84,10 @@ def predict_folder(checkpoint: str | Path, input_dir: str | Path, output_dir: st
     written = []
     with torch.no_grad():
         for path in files:
-            image, (w, h) = load_image(path, info.in_channels, info.patch_size[-1])
-            logits = model(image[None].to(dev)).float()
+            image, (w, h) = load_image(path, channels, size)
+            logits = net(image[None].to(dev)).float()
             logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-            label = info.label_spec.predict(logits)[0].cpu().numpy()
+            label = label_spec.predict(logits)[0].cpu().numpy()
             target = out_dir / (path.stem + ".png")
             Image.fromarray(codec.encode(label)).save(target)
             written.append(target)

@@ -16,6 +16,7 @@ For each ``*.nii``/``*.nii.gz`` in the input folder (macOS ``._*`` and hidden fi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -107,31 +108,45 @@ def back_to_shape(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+def sliding_options(info: DatasetInfo, cfg: Config) -> dict[str, Any]:
+    """Strides, largest-connected-component and windows per forward of the run (``data.options``)."""
+    return {
+        "strides": list(info.extra.get("strides", cfg.data.options.get("strides", (16, 16, 4)))),
+        "lcc": bool(info.extra.get("lcc", cfg.data.options.get("lcc", False))),
+        "sw_batch_size": int(cfg.data.options.get("sw_batch_size", 4)),
+    }
+
+
 def predict_volumes(
     state: dict, cfg: Config, info: DatasetInfo, input_dir: str | Path, output_dir: str | Path,
     device: str = "auto", task: int | None = None,
 ) -> list[Path]:
     """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``."""
-    import nibabel as nib
-
-    from medsemi.data.volumes.nifti import load_nifti
     from medsemi.device import resolve_device
-    from medsemi.evaluation.sliding3d import save_prediction_nifti
     from medsemi.evaluation.volumes import predict_volume
     from medsemi.nets.build import build_model
 
     task_id = resolve_task(info, task)
-    files = list_nifti(input_dir)
+    list_nifti(input_dir)  # a missing or empty folder is reported before the model is built
     dev = resolve_device(device)
     model = build_model(cfg.model, info).to(dev)
     model.load_state_dict(state["model"])
     model.eval()
     recipe = info.extra.get("preprocessing", {}).get(str(task_id))
-    options = {
-        "strides": list(info.extra.get("strides", cfg.data.options.get("strides", (16, 16, 4)))),
-        "lcc": bool(info.extra.get("lcc", cfg.data.options.get("lcc", False))),
-        "sw_batch_size": int(cfg.data.options.get("sw_batch_size", 4)),
-    }
+    options = sliding_options(info, cfg)
+    return segment_volumes(lambda image: predict_volume(model, image, task_id, cfg, options, dev), recipe,
+                           input_dir, output_dir)
+
+
+def segment_volumes(predict_mask: Callable[[np.ndarray], np.ndarray], recipe: dict[str, Any] | None,
+                    input_dir: str | Path, output_dir: str | Path) -> list[Path]:
+    """Every NIfTI of ``input_dir``: recipe -> ``predict_mask`` -> back to the input grid -> ``<stem>.nii.gz``."""
+    import nibabel as nib
+
+    from medsemi.data.volumes.nifti import load_nifti
+    from medsemi.evaluation.sliding3d import save_prediction_nifti
+
+    files = list_nifti(input_dir)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -139,8 +154,7 @@ def predict_volumes(
         for path in files:
             vol = load_nifti(path)
             image = preprocess(vol.data, vol.spacing, recipe, source=str(path))
-            mask = predict_volume(model, image, task_id, cfg, options, dev)
-            mask = back_to_shape(mask, vol.data.shape)
+            mask = back_to_shape(predict_mask(image), vol.data.shape)
             target = out_dir / f"{_stem(path)}.nii.gz"
             written.append(save_prediction_nifti(mask, nib.load(str(path)), target))
     return written
