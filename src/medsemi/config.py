@@ -54,8 +54,9 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    name: str = "unet2d"  # unet2d | versemi_vnet
+    name: str = "unet2d"  # unet2d | vnet (plain single-task 3D) | versemi_vnet (task-prompted 3D)
     base_channels: int = 64
+    dropout: float = 0.0  # > 0: Dropout on the bottleneck (and the VNet's last decoder feature); UA-MT uses 0.5
     channels_last: bool = False
 
 
@@ -225,8 +226,12 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config, apply dotted overrides, and validate every key and type."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, replace_method: bool = False
+                ) -> Config:
+    """Load a YAML config, apply dotted overrides, and validate every key and type.
+
+    ``replace_method``: ignore the file's ``method`` section (the overrides then give the method and its
+    options), e.g. to train another method on a config written for one."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -238,6 +243,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    if replace_method:
+        raw.pop("method", None)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(raw, key, value)
     return config_from_dict(raw)

@@ -25,3 +25,20 @@ class Supervised(Method):
         logits = self.student(labelled["image"])
         loss, ce, dice = seg_loss(logits, labelled["label"], None, self.label_spec)
         return StepOutput(loss, {"loss_sup": loss.detach(), "ce": ce.detach(), "dice_loss": dice.detach()})
+
+
+@dataclass
+class Supervised3DOptions(MethodOptions):
+    name: str = "supervised3d"
+
+
+@register
+class Supervised3D(Supervised):
+    """The same labelled-only training on one task's volumes with a plain VNet (UA-MT's ``train_LA.py``
+    lineage; CE + Dice of spec 3.3 where UA-MT uses ``0.5 · (CE + foreground Dice)``)."""
+
+    name = "supervised3d"
+    Options = Supervised3DOptions
+    spatial_dims = 3
+    single_task = True
+    description = "labelled data only (CE + Dice), one task's volumes, plain VNet"

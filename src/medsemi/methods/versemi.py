@@ -139,6 +139,7 @@ class VerSemi(Method):
     Options = VerSemiOptions
     uses_unlabelled = True
     uses_teacher = False  # the original's EMA is never used for targets or testing (spec 3.4)
+    spatial_dims = 3
     description = "VerSemi: task-prompted VNet, synthetic CutMix task, max-aggregate consistency (3D)"
     default_pipeline: ClassVar[str | None] = None
 
