@@ -199,3 +199,23 @@ def test_predict_resolves_a_single_task_model_to_its_task() -> None:
     every = DatasetInfo("v", 1, spec, tuple(TASK_NAMES.values()), (32, 32, 32), extra={"tasks": tasks, "task": ""})
     with pytest.raises(ValueError, match="pass --task"):
         resolve_task(every, None)
+
+
+@pytest.mark.parametrize("name, task, ratio, labelled", [
+    ("la_8", "la", 10, 8), ("la_16", "la", 20, 16),
+    ("pancreas_10", "pancreas", 10, 6), ("pancreas_20", "pancreas", 20, 12),
+])
+def test_single_task_configs(name: str, task: str, ratio: int, labelled: int) -> None:
+    from medsemi.data.volumes.cases import TASK_IDS
+    from medsemi.data.volumes.lists import load_versemi_split
+    from medsemi.families.volumes import _one_task
+
+    cfg = load_config(f"configs/single_task/{name}.yaml")
+    split = _one_task(load_versemi_split(ratio), TASK_IDS[task])  # the packaged VerSemi lists
+    assert len(split.labelled) == labelled and split.unlabelled and split.test[TASK_IDS[task]]
+    assert cfg.data.options["task"] == task and cfg.data.options["ratio"] == ratio
+    assert cfg.model.name == "vnet" and cfg.train.iterations == 6000 and cfg.data.patch_size == 96
+    assert (cfg.train.batch_size, cfg.train.unlabelled_batch_size) == (2, 2)
+    assert get_method(cfg.method.name).single_task
+    for method in METHODS_3D:  # every single-task method runs on the same file with one override
+        assert load_config(f"configs/single_task/{name}.yaml", [f"method.name={method}"]).method.name == method

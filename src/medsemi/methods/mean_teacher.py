@@ -90,7 +90,7 @@ def noisy(x: torch.Tensor, sigma: float, generator: torch.Generator | None) -> t
     """``x + clamp(σ·N(0, 1), -2σ, 2σ)`` (UA-MT's teacher input noise: σ = 0.1, clamp ±0.2); ``x`` if σ = 0."""
     if sigma <= 0:
         return x
-    if generator is None or generator.device != x.device:
+    if generator is None or generator.device.type != x.device.type:
         n = torch.randn(x.shape, device=x.device, dtype=x.dtype)
     else:
         n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
