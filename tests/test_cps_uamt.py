@@ -71,11 +71,12 @@ def _hard_ce_reference(logits: torch.Tensor, other: torch.Tensor, spec: LabelSpe
     return torch.tensor(total / n, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("on_labelled", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cps_loss_matches_reference(kind: str) -> None:
+def test_cps_loss_matches_reference(kind: str, on_labelled: bool) -> None:
     info = make_info(kind)
     spec = info.label_spec
-    method = CPS(CPSOptions(), unet(info, 0), None, info, peer=unet(info, 1))
+    method = CPS(CPSOptions(cps_on_labelled=on_labelled), unet(info, 0), None, info, peer=unet(info, 1))
     lab, unl = make_batches(info)
     progress = Progress(300, 1000)
     out = method.train_step(lab, unl, progress)
@@ -86,6 +87,9 @@ def test_cps_loss_matches_reference(kind: str) -> None:
         z1, z2 = f1(unl["image"]), f2(unl["image"])
         cps_1 = _hard_ce_reference(z1, z2, spec)  # the first learns the second's labels
         cps_2 = _hard_ce_reference(z2, z1, spec)
+        if on_labelled:  # the paper's crossing on the labelled images as well
+            l1, l2 = f1(lab["image"]), f2(lab["image"])
+            cps_1, cps_2 = cps_1 + _hard_ce_reference(l1, l2, spec), cps_2 + _hard_ce_reference(l2, l1, spec)
     w = 0.1 * consistency_weight(300, 1000, 200)
     assert torch.allclose(out.logs["loss_cps"].double(), cps_1, atol=1e-5)
     assert torch.allclose(out.logs["loss_cps_peer"].double(), cps_2, atol=1e-5)

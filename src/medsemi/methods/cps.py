@@ -8,9 +8,11 @@ pseudo-labels ``ŷ_i = argmax f_i(u)`` (sigmoid ≥ 0.5 for multi-label labels),
 
 ``L = L_sup(f1(x), y) + L_sup(f2(x), y) + λ · w · (CE(f1(u), ŷ2) + CE(f2(u), ŷ1))``
 
-(paper eq. 3-5: ``L = L_s + λ L_cps`` with ``L_cps`` the two crossed CE terms), ``L_sup`` = CE + Dice of
-spec 3.3 (SSL4MIS: ``0.5 · (CE + Dice)``), ``λ = 0.1`` and ``w`` the sigmoid consistency ramp (SSL4MIS
-``--consistency 0.1``; the paper uses λ = 1.5 on VOC without a ramp: ``consistency=1.5 ramp=false``).
+(the paper's ``L = L_s + λ L_cps``, ``L_cps`` the two crossed CE terms), ``L_sup`` = CE + Dice of spec 3.3
+(SSL4MIS: ``0.5 · (CE + Dice)``), ``λ = 0.1`` and ``w`` the sigmoid consistency ramp (SSL4MIS
+``--consistency 0.1``). The paper (natural images) applies the crossed terms to the labelled images too
+and uses λ = 1.5 without a ramp: ``cps_on_labelled=true consistency=1.5 ramp=false``; SSL4MIS and the
+default apply them to the unlabelled images only.
 
 Initialisation (``init``): ``kaiming_xavier`` (SSL4MIS): Kaiming-normal conv weights in the first network,
 Xavier-normal in the second (conv biases and norm layers keep their defaults; SSL4MIS also resets
@@ -62,6 +64,7 @@ class CPSOptions(MethodOptions):
     init: str = "kaiming_xavier"  # kaiming_xavier (SSL4MIS) | default (independent default inits)
     evaluate: str = "first"  # first | second: the network that is evaluated, selected and saved
     student_view: str = "weak"  # weak (SSL4MIS) | strong: the unlabelled view both networks see
+    cps_on_labelled: bool = False  # true: the crossed CE also on the labelled images (the paper; SSL4MIS: no)
 
     def __post_init__(self) -> None:
         for key, allowed in (("init", ("kaiming_xavier", "default")), ("evaluate", ("first", "second")),
@@ -98,8 +101,9 @@ class CPS(Method):
         spec = self.label_spec
         assert self.peer is not None
         x, y = labelled["image"], labelled["label"]
-        sup_1, ce_1, dice_1 = seg_loss(self.student(x), y, None, spec)
-        sup_2, _, _ = seg_loss(self.peer(x), y, None, spec)
+        logits_l1, logits_l2 = self.student(x), self.peer(x)
+        sup_1, ce_1, dice_1 = seg_loss(logits_l1, y, None, spec)
+        sup_2, _, _ = seg_loss(logits_l2, y, None, spec)
         u = require_unlabelled(unlabelled, _HERE, ("image", "strong") if opt.student_view == "strong" else ("image",))
         u_in = u["strong"] if opt.student_view == "strong" else u["image"]
         logits_1, logits_2 = self.student(u_in), self.peer(u_in)
@@ -107,6 +111,9 @@ class CPS(Method):
         pl_2, _ = pseudo_label(logits_2, spec, 0.0)
         cps_1 = weighted_ce(logits_1, pl_2, None, spec)  # the first network learns the second's labels
         cps_2 = weighted_ce(logits_2, pl_1, None, spec)
+        if opt.cps_on_labelled:  # the paper's L_cps^l: the same crossing on the labelled images
+            cps_1 = cps_1 + weighted_ce(logits_l1, pseudo_label(logits_l2, spec, 0.0)[0], None, spec)
+            cps_2 = cps_2 + weighted_ce(logits_l2, pseudo_label(logits_l1, spec, 0.0)[0], None, spec)
         w = consistency_weight(progress.iteration, progress.max_iterations, opt.ramp_epochs) if opt.ramp else 1.0
         weight = opt.consistency * w
         loss = sup_1 + sup_2 + weight * (cps_1 + cps_2)

@@ -6,12 +6,12 @@ SSL4MIS ``train_uncertainty_aware_mean_teacher_2D.py`` in 2D; one class for both
 tensors carry the dimension). With ``σ(·)`` the softmax (exclusive labels) or sigmoid (multi-label):
 
 - teacher target ``T(u + n)``, ``n = clamp(N(0, 0.1²), -0.2, 0.2)``, the student sees ``u`` as it is;
-- uncertainty (paper eqs. 2-3): ``T`` stochastic teacher passes (fresh noise each, and dropout where the
-  network has it: ``model.dropout``; UA-MT's VNet has ``has_dropout=True`` for both student and teacher,
-  a Dropout3d(0.5) on the bottleneck and before the head), ``μ = mean_t σ(T(u + n_t))``,
+- uncertainty (the paper's Monte Carlo estimate): ``T`` stochastic teacher passes (fresh noise each, and
+  dropout where the network has it: ``model.dropout``; UA-MT's VNet has ``has_dropout=True`` for both
+  student and teacher, a Dropout3d(0.5) on the bottleneck and before the head), ``μ = mean_t σ(T(u + n_t))``,
   ``U = -Σ_c μ_c log(μ_c + 1e-6)``; the passes run ``copies`` repeats of the batch per forward (the
   original: 2 copies, ``T/2`` forwards);
-- mask ``M = [U < H]`` with the ramped threshold (paper eq. 4, code) ``H = (0.75 + 0.25 · r(t)) · ln C``,
+- mask ``M = [U < H]`` with the ramped threshold of the paper and code, ``H = (0.75 + 0.25 · r(t)) · ln C``,
   ``r`` the sigmoid ramp-up over the whole run (``sigmoid_rampup(iter, max_iter)``), ``C`` the classes;
 - consistency ``L_c = Σ M · (σ(S(u)) - σ(T(u + n)))² / (C · Σ M + 1e-16)`` (the code's ``2 · sum(mask)``
   for its C = 2), weighted by ``λ · w`` with ``λ = 0.1`` and ``w`` the consistency ramp.
@@ -92,7 +92,7 @@ class UAMT(MeanTeacher):
         return -(mu * torch.log(mu + EPS_LOG)).sum(dim=1, keepdim=True)
 
     def threshold(self, progress: Progress) -> float:
-        """``H = (start + (1 - start) · r) · ln C`` (paper eq. 4; the code's 0.75 + 0.25 · rampup)."""
+        """``H = (start + (1 - start) · r) · ln C`` (the code's ``(0.75 + 0.25 · rampup) · ln 2`` for C = 2)."""
         opt: UAMTOptions = self.options  # type: ignore[assignment]
         c = 2 if self.label_spec.multilabel or opt.max_entropy == "ln2" else self.label_spec.num_outputs
         r = sigmoid_rampup(progress.iteration, progress.max_iterations) if opt.threshold_ramp else 0.0
