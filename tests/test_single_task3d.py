@@ -77,7 +77,7 @@ def test_plain_vnet_shapes_and_dropout() -> None:
     info = DatasetInfo("v", 1, LabelSpec("exclusive", ("background", "foreground")), ("la",), (32, 32, 32))
     cfg = single_task_cfg("uamt3d", "model.dropout=0.5")
     net = build_model(cfg.model, info)
-    assert isinstance(net, SegVNet) and not getattr(net, "takes_task_ids", False)
+    assert isinstance(net, SegVNet) and net.takes_task_ids is False
     x = torch.randn(2, 1, 32, 32, 32)
     net.train()
     a, b = net(x), net(x)

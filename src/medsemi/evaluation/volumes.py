@@ -53,9 +53,9 @@ def predict_volume(
 ) -> np.ndarray:
     """Binary mask (uint8, image shape) of one volume queried with ``task`` (spec 4.2; LCC of 4.4).
 
-    A task-prompted network (``takes_task_ids``) is called as ``net(x, task_ids)``; a plain network as
-    ``net(x)`` (its one task is the volume's)."""
-    prompted = bool(getattr(net, "takes_task_ids", False))
+    A task-prompted network is called as ``net(x, task_ids)``; a plain network that declares
+    ``takes_task_ids = False`` (``nets/vnet.SegVNet``) as ``net(x)`` (its one task is the volume's)."""
+    prompted = bool(getattr(net, "takes_task_ids", True))  # plain networks declare takes_task_ids = False
 
     def predictor(x: torch.Tensor) -> torch.Tensor:
         with autocast_for(x.device, amp):

@@ -154,6 +154,8 @@ class SegVNet(nn.Module):
     puts its two Dropout3d(0.5); 0 (default) = no dropout.
     """
 
+    takes_task_ids = False  # forward(x): evaluation does not pass a task prompt
+
     def __init__(self, in_channels: int = 1, out_channels: int = 2, base_filters: int = 16,
                  dropout: float = 0.0) -> None:
         super().__init__()
