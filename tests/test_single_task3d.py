@@ -219,3 +219,25 @@ def test_single_task_configs(name: str, task: str, ratio: int, labelled: int) ->
     assert get_method(cfg.method.name).single_task
     for method in METHODS_3D:  # every single-task method runs on the same file with one override
         assert load_config(f"configs/single_task/{name}.yaml", [f"method.name={method}"]).method.name == method
+
+
+def test_foreground_dice_of_the_3d_lineage() -> None:
+    """``sup_dice: foreground`` (the *3d defaults except CPS) = CE + UA-MT's foreground Dice, by hand."""
+    from medsemi.losses import weighted_ce, weighted_dice
+    from medsemi.methods.supervised import Supervised3D
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn((2, 2, 8, 8, 8), generator=g)
+    y = (torch.rand((2, 8, 8, 8), generator=g) > 0.7).long()
+    p1, y1 = torch.softmax(z.double(), 1)[:, 1], y.double()
+    ref = 1 - (2 * (p1 * y1).sum() + 1e-10) / ((p1 * p1).sum() + (y1 * y1).sum() + 1e-10)
+    spec = LabelSpec("exclusive", ("background", "foreground"))
+    assert torch.allclose(weighted_dice(z, y, None, spec, skip_background=True).double(), ref, atol=1e-6)
+    assert not torch.allclose(weighted_dice(z, y, None, spec).double(), ref, atol=1e-3)  # default: both classes
+    info = DatasetInfo("v", 1, spec, ("la",), (8, 8, 8))
+    method = Supervised3D(Supervised3D.Options(), torch.nn.Identity(), None, info)
+    total, ce, dice = method.supervised_loss(z, y)
+    assert torch.allclose(dice.double(), ref, atol=1e-6) and torch.allclose(total, ce + dice)
+    assert torch.allclose(ce, weighted_ce(z, y, None, spec))
+    assert get_method("cps3d").Options().sup_dice == "all"  # SSL4MIS's DiceLoss over every class
+    assert {get_method(m).Options().sup_dice for m in ("mean_teacher3d", "uamt3d")} == {"foreground"}

@@ -15,6 +15,10 @@ import torch
 from torch import nn
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
+from medsemi.losses import seg_loss
+
+SUP_DICE = ("all", "foreground")
+"""``sup_dice`` values: Dice over every class (spec 3.3) or over the foreground classes (UA-MT's 3D code)."""
 
 Batch = dict[str, Any]
 """A batch on the device. Labelled: ``image``, ``label``, ``domain``. Unlabelled: ``image``
@@ -92,6 +96,15 @@ class Method(nn.Module):
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         raise NotImplementedError
+
+    def supervised_loss(self, logits: torch.Tensor, label: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(total, ce, dice)`` of the labelled batch: CE + Dice (spec 3.3); the Dice over the foreground
+        classes only where the options say ``sup_dice: foreground`` (the 3D lineage's choice)."""
+        dice = getattr(self.options, "sup_dice", "all")
+        if dice not in SUP_DICE:
+            raise ValueError(f"method.sup_dice must be one of {SUP_DICE}, got {dice!r}")
+        return seg_loss(logits, label, None, self.label_spec, skip_background=dice == "foreground")
 
     def eval_networks(self) -> dict[str, nn.Module]:
         """The networks to evaluate, by role."""

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from medsemi.data.contract import DatasetInfo
-from medsemi.losses import seg_loss, weighted_ce
-from medsemi.methods.base import Batch, Method, MethodOptions, Progress, StepOutput
+from medsemi.losses import weighted_ce
+from medsemi.methods.base import SUP_DICE, Batch, Method, MethodOptions, Progress, StepOutput
 from medsemi.methods.mean_teacher import require_unlabelled
 from medsemi.methods.registry import register
 from medsemi.ops.pseudo_label import pseudo_label
@@ -65,6 +65,7 @@ class CPSOptions(MethodOptions):
     evaluate: str = "first"  # first | second: the network that is evaluated, selected and saved
     student_view: str = "weak"  # weak (SSL4MIS) | strong: the unlabelled view both networks see
     cps_on_labelled: bool = False  # true: the crossed CE also on the labelled images (the paper; SSL4MIS: no)
+    sup_dice: str = "all"  # all (SSL4MIS's DiceLoss over every class) | foreground
 
     def __post_init__(self) -> None:
         for key, allowed in (("init", ("kaiming_xavier", "default")), ("evaluate", ("first", "second")),
@@ -75,6 +76,8 @@ class CPSOptions(MethodOptions):
             raise ValueError(f"{_HERE}: method.consistency must be >= 0, got {self.consistency}")
         if self.ramp_epochs < 1:
             raise ValueError(f"{_HERE}: method.ramp_epochs must be >= 1, got {self.ramp_epochs}")
+        if self.sup_dice not in SUP_DICE:
+            raise ValueError(f"{_HERE}: method.sup_dice must be one of {SUP_DICE}, got {self.sup_dice!r}")
 
 
 @register
@@ -102,8 +105,8 @@ class CPS(Method):
         assert self.peer is not None
         x, y = labelled["image"], labelled["label"]
         logits_l1, logits_l2 = self.student(x), self.peer(x)
-        sup_1, ce_1, dice_1 = seg_loss(logits_l1, y, None, spec)
-        sup_2, _, _ = seg_loss(logits_l2, y, None, spec)
+        sup_1, ce_1, dice_1 = self.supervised_loss(logits_l1, y)
+        sup_2, _, _ = self.supervised_loss(logits_l2, y)
         u = require_unlabelled(unlabelled, _HERE, ("image", "strong") if opt.student_view == "strong" else ("image",))
         u_in = u["strong"] if opt.student_view == "strong" else u["image"]
         logits_1, logits_2 = self.student(u_in), self.peer(u_in)

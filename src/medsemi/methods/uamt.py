@@ -18,11 +18,11 @@ tensors carry the dimension). With ``σ(·)`` the softmax (exclusive labels) or 
 
 Departures: ``ln C`` for the threshold where SSL4MIS's 2D script keeps ``ln 2`` for any number of classes
 (set ``max_entropy=ln2`` to reproduce it); multi-label labels (not in the originals) use the per-channel
-binary entropy with ``ln 2`` and a per-channel mask; CE + Dice of spec 3.3 as the supervised loss
-(originals: ``0.5 · (CE + Dice)``); separate labelled and unlabelled student forwards (originals: one
-concatenated batch). The 2D UNet of this code base has a single optional Dropout2d on the bottleneck
-(``model.dropout``; SSL4MIS's UNet has dropout 0.05-0.5 in every encoder level); without dropout the
-uncertainty comes from the input noise alone.
+binary entropy with ``ln 2`` and a per-channel mask; CE + Dice as the supervised loss, the Dice over the
+foreground in 3D (``sup_dice``; UA-MT: ``0.5 · (CE + foreground Dice)``, SSL4MIS 2D: all classes), not
+halved; separate labelled and unlabelled student forwards (originals: one concatenated batch). The 2D UNet
+of this code base has a single optional Dropout2d on the bottleneck (``model.dropout``; SSL4MIS's UNet has
+dropout 0.05-0.5 in every encoder level); without dropout the uncertainty comes from the input noise alone.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class UAMT(MeanTeacher):
 class UAMT3DOptions(UAMTOptions):
     name: str = "uamt3d"
     ramp_epochs: int = 40  # UA-MT --consistency_rampup 40 (x 150 iterations = its 6000)
+    sup_dice: str = "foreground"  # UA-MT: dice_loss(softmax[:, 1], label == 1)
 
 
 @register
