@@ -241,3 +241,26 @@ def test_foreground_dice_of_the_3d_lineage() -> None:
     assert torch.allclose(ce, weighted_ce(z, y, None, spec))
     assert get_method("cps3d").Options().sup_dice == "all"  # SSL4MIS's DiceLoss over every class
     assert {get_method(m).Options().sup_dice for m in ("mean_teacher3d", "uamt3d")} == {"foreground"}
+
+
+def test_a_single_task_hdf5_folder(tmp_path) -> None:
+    """A folder holding one task's cases (VerSemi's HDF5 layout, lists naming only that task, the other
+    tasks' lists empty) trains and evaluates like a VerSemi task."""
+    from medsemi.data.synthetic.volumes3d import write_synthetic_dataset
+
+    root = tmp_path / "la_only"
+    write_synthetic_dataset(root, Synthetic3DConfig(n_per_task=6, size_range=(32, 33)))
+    for h5 in root.glob("*.h5"):
+        if task_id_from_name(h5.stem) != 2:
+            h5.unlink()
+    for lst in (root / "lists").glob("*.txt"):
+        keep = [n for n in lst.read_text().split() if task_id_from_name(n) == 2]
+        lst.write_text("".join(f"{n}\n" for n in keep))
+    cfg = load_config(CPU3D, [*TINY3D, "data.format=versemi", f"data.root={root}", f"data.list_dir={root / 'lists'}",
+                              "data.options.task=la", "model.name=vnet", "method.name=supervised3d",
+                              "train.iterations=2", "train.eval_every=2", "eval.surface_metrics=never"],
+                      replace_method=True)
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "test_student_dice_la" in record
