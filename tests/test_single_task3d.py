@@ -264,3 +264,11 @@ def test_a_single_task_hdf5_folder(tmp_path) -> None:
     trainer.fit()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "test_student_dice_la" in record
+
+
+def test_single_task_method_with_the_task_prompted_network_is_refused(tmp_path) -> None:
+    cfg = load_config(CPU3D, [*TINY3D, "data.options.task=la", "method.name=cps3d"], replace_method=True)
+    assert cfg.model.name == "versemi_vnet"
+    with pytest.raises(ConfigError, match="^method 'cps3d' trains a plain single-task network but "
+                                          "model.name=versemi_vnet takes task prompts; set model.name=vnet$"):
+        Trainer(cfg, tmp_path / "run")

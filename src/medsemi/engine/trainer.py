@@ -109,6 +109,9 @@ class Trainer:
         check_method_fits(method_cls, len(info.patch_size), tuple(info.domains) if len(info.patch_size) == 3 else (),
                           cfg.data.format, names)
         student = build_model(cfg.model, info).to(self.device)
+        if method_cls.single_task and getattr(student, "takes_task_ids", False):
+            raise ConfigError(f"method {method_cls.name!r} trains a plain single-task network but "
+                              f"model.name={cfg.model.name} takes task prompts; set model.name=vnet")
         teacher = None
         if method_cls.uses_teacher:
             teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
