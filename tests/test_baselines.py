@@ -315,7 +315,7 @@ def test_unimatch_second_view_is_an_independent_strong_view(kind: str) -> None:
 def test_bcp_box_size_and_position() -> None:
     g = torch.Generator().manual_seed(0)
     for h, w in ((P, P), (30, 45)):
-        boxes = bcp_box(3000, h, w, g, per_sample=True)
+        boxes = bcp_box(3000, (h, w), g, per_sample=True)
         ph, pw = int(h * 2 / 3), int(w * 2 / 3)
         rows, cols = boxes.any(2), boxes.any(1)
         assert (boxes.sum((1, 2)) == ph * pw).all()
@@ -326,10 +326,10 @@ def test_bcp_box_size_and_position() -> None:
         counts = torch.bincount(y0, minlength=h - ph).float()
         expected = 3000 / (h - ph)
         assert ((counts - expected).abs() < 5 * math.sqrt(expected)).all()
-    shared = bcp_box(5, P, P, g)
+    shared = bcp_box(5, (P, P), g)
     assert all(torch.equal(shared[0], shared[i]) for i in range(5))
     with pytest.raises(ValueError, match="methods/bcp.py"):
-        bcp_box(2, P, P, ratio=1.5)
+        bcp_box(2, (P, P), ratio=1.5)
 
 
 def _ref_region_loss(z: torch.Tensor, y: torch.Tensor, region: torch.Tensor, spec: LabelSpec) -> torch.Tensor:
@@ -369,7 +369,7 @@ def test_bcp_step_matches_reference(kind: str) -> None:
     method = make_method(BCP, info)
     lab, unl = make_batches(info)
     out = method.train_step(lab, unl, Progress(2, 10))
-    box = bcp_box(4, P, P, torch.Generator().manual_seed(1))  # the method's generator, replayed
+    box = bcp_box(4, (P, P), torch.Generator().manual_seed(1))  # the method's generator, replayed
     x, y, u = lab["image"], lab["label"], unl["image"]
     with torch.no_grad():
         pl_a = spec.predict(method.teacher(u[:2]))

@@ -57,8 +57,9 @@ CHANNELS_LAST = ("auto", "true", "false")
 
 @dataclass
 class ModelSection:
-    name: str = "unet2d"  # unet2d | versemi_vnet
+    name: str = "unet2d"  # unet2d | vnet (plain single-task 3D) | versemi_vnet (task-prompted 3D)
     base_channels: int = 64
+    dropout: float = 0.0  # > 0: Dropout on the bottleneck (and the VNet's last decoder feature); UA-MT uses 0.5
     # auto: channels-last memory format for 2D networks on CUDA, off on a CPU and for 3D networks;
     # true: channels-last (channels-last-3d for 3D networks); false: off. Same results either way.
     channels_last: str = "auto"
@@ -70,6 +71,8 @@ class ModelSection:
         if text not in CHANNELS_LAST:
             raise ConfigError(f"model.channels_last: expected auto, true or false, got {value!r}")
         self.channels_last = text
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"model.dropout: expected a probability in [0, 1), got {self.dropout!r}")
 
 
 @dataclass
@@ -300,14 +303,20 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, notes: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, notes: list[str] | None = None,
+                replace_method: bool = False) -> Config:
     """Load a YAML config, apply dotted overrides, resolve ``method.preset`` and validate every key and type
-    (``notes``: see :func:`config_from_dict`)."""
-    return config_from_dict(read_raw_config(path, overrides), notes)
+    (``notes``: see :func:`config_from_dict`).
+
+    ``replace_method``: ignore the file's ``method`` section (the overrides then give the method and its
+    options), e.g. to train another method on a config written for one."""
+    return config_from_dict(read_raw_config(path, overrides, replace_method), notes)
 
 
-def read_raw_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """The YAML mapping of ``path`` with the dotted overrides applied, not yet validated."""
+def read_raw_config(path: str | Path | None, overrides: list[str] | None = None, replace_method: bool = False
+                    ) -> dict:
+    """The YAML mapping of ``path`` with the dotted overrides applied, not yet validated (``replace_method``:
+    see :func:`load_config`)."""
     raw: dict = {}
     if path is not None:
         path = Path(path)
@@ -319,6 +328,8 @@ def read_raw_config(path: str | Path | None, overrides: list[str] | None = None)
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
+    if replace_method:
+        raw.pop("method", None)
     return apply_overrides(raw, overrides)
 
 

@@ -126,7 +126,8 @@ def weighted_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
 
 
 def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                  label_spec: LabelSpec | None = None, mask_background: bool = False) -> torch.Tensor:
+                  label_spec: LabelSpec | None = None, mask_background: bool = False,
+                  skip_background: bool = False) -> torch.Tensor:
     """Weighted Dice loss, scalar float32 (spec 3.3, UST ``DiceLossWithMask``; spec 6 items 4-5).
 
     Exclusive: ``p = softmax(z)``, ``y`` = one-hot over all C classes (background included); per class
@@ -138,6 +139,9 @@ def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
     Multilabel: ``p = sigmoid(z)``; one single Dice over the whole ``(B, K, *S)`` tensor (all channels
     pooled) with the per-channel weight. ``mask_background`` has no effect (there is no background channel).
+
+    ``skip_background`` (exclusive only): the mean of ``D_c`` over the foreground classes 1..C-1, as the 3D
+    lineage's ``dice_loss(softmax[:, 1], label == 1)`` (UA-MT) for two classes.
     """
     spec = _check_spec(label_spec)
     with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -159,16 +163,19 @@ def weighted_dice(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
         inter = (p * yh * wc).sum(dim=dims)
         den = (p * p * wc).sum(dim=dims) + (yh * yh * wc).sum(dim=dims)
         per_class = 1.0 - (2.0 * inter + DICE_EPS) / (den + DICE_EPS)
-        return per_class.mean()
+        return per_class[1:].mean() if skip_background and c > 1 else per_class.mean()
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
              label_spec: LabelSpec | None = None, *, normalize: Normalize = "all",
-             mask_background: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             mask_background: bool = False, skip_background: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Segmentation loss ``(total, ce, dice)`` with ``total = ce + dice`` (spec 3.3).
 
-    ``normalize`` goes to :func:`weighted_ce`, ``mask_background`` to :func:`weighted_dice`.
+    ``normalize`` goes to :func:`weighted_ce`, ``mask_background`` and ``skip_background`` to
+    :func:`weighted_dice`.
     """
     ce = weighted_ce(logits, target, weight, label_spec, normalize=normalize)
-    dice = weighted_dice(logits, target, weight, label_spec, mask_background=mask_background)
+    dice = weighted_dice(logits, target, weight, label_spec, mask_background=mask_background,
+                         skip_background=skip_background)
     return ce + dice, ce, dice

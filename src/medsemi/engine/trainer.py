@@ -31,9 +31,9 @@ from medsemi.device import autocast_for, resolve_amp, resolve_channels_last, res
 from medsemi.engine.ema import ema_update
 from medsemi.families.base import DatasetFamily
 from medsemi.families.images import ImageFamily
-from medsemi.families.select import build_family
-from medsemi.methods.base import Method, Progress
-from medsemi.methods.registry import get_method
+from medsemi.families.select import build_family, data_kind
+from medsemi.methods.base import Method, Progress, check_method_fits
+from medsemi.methods.registry import available_methods, get_method
 from medsemi.nets.build import build_model
 from medsemi.schedules import ema_alpha, poly_lr
 
@@ -97,30 +97,44 @@ class Trainer:
         seed = cfg.seed + 1000 * ddp.rank()
         seed_everything(seed, cfg.train.deterministic)
 
+        method_cls: type[Method] = get_method(cfg.method.name)
+        names = tuple(available_methods())
         if family is None:
+            check_method_fits(method_cls, *data_kind(cfg), cfg.data.format, names)  # before reading any data
             family = build_family(cfg)
         elif isinstance(family, Splits):
             family = ImageFamily.of(family)
         self.family = family
         info = family.info
-        method_cls: type[Method] = get_method(cfg.method.name)
+        check_method_fits(method_cls, len(info.patch_size), tuple(info.domains) if len(info.patch_size) == 3 else (),
+                          cfg.data.format, names)
         student = build_model(cfg.model, info).to(self.device)
+        if method_cls.single_task and getattr(student, "takes_task_ids", False):
+            raise ConfigError(f"method {method_cls.name!r} trains a plain single-task network but "
+                              f"model.name={cfg.model.name} takes task prompts; set model.name=vnet")
         teacher = None
         if method_cls.wants_teacher(cfg.method):
             teacher = build_model(cfg.model, info).to(self.device)  # independent init (spec 3.1)
             teacher.requires_grad_(False)
+        peer = build_model(cfg.model, info).to(self.device) if method_cls.uses_peer else None  # trainable
         memory_format = resolve_channels_last(cfg.model.channels_last, self.device, student)
         if memory_format is not None:
             student = student.to(memory_format=memory_format)
             teacher = teacher.to(memory_format=memory_format) if teacher is not None else None
-        self.method = method_cls(cfg.method, student, teacher, info).to(self.device)
+            peer = peer.to(memory_format=memory_format) if peer is not None else None
+        if peer is not None:
+            self.method = method_cls(cfg.method, student, teacher, info, peer=peer).to(self.device)
+        else:
+            self.method = method_cls(cfg.method, student, teacher, info).to(self.device)
         self.method.generator = torch.Generator(device=self.device).manual_seed(seed + 1)
-        self.student = student
+        self.student = self.method.student  # the evaluated network (a method may swap its networks' roles)
         if cfg.train.compile:
             blocker = self.method.compile_blocker()
             if blocker:
                 raise ConfigError(f"train.compile=true does not work with method {cfg.method.name}: {blocker}")
-            self.method.student = torch.compile(student)
+            self.method.student = torch.compile(self.student)
+            if self.method.peer is not None:
+                self.method.peer = torch.compile(self.method.peer)
         self._broadcast_from_main()
         self.optimizer = build_optimizer(cfg, self.method.trainable_parameters())
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")

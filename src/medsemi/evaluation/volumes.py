@@ -51,10 +51,17 @@ def predict_volume(
     net: nn.Module, image: np.ndarray, task: int, cfg: Config, options: dict[str, Any], device: torch.device,
     amp: str = "off",
 ) -> np.ndarray:
-    """Binary mask (uint8, image shape) of one volume queried with ``task`` (spec 4.2; LCC of 4.4)."""
+    """Binary mask (uint8, image shape) of one volume queried with ``task`` (spec 4.2; LCC of 4.4).
+
+    A task-prompted network is called as ``net(x, task_ids)``; a plain network that declares
+    ``takes_task_ids = False`` (``nets/vnet.SegVNet``) as ``net(x)`` (its one task is the volume's)."""
+    prompted = bool(getattr(net, "takes_task_ids", True))  # plain networks declare takes_task_ids = False
+
     def predictor(x: torch.Tensor) -> torch.Tensor:
-        ids = torch.full((x.shape[0],), int(task), dtype=torch.long, device=x.device)
         with autocast_for(x.device, amp):
+            if not prompted:  # a plain single-task network (e.g. nets/vnet.SegVNet)
+                return net(x).float()
+            ids = torch.full((x.shape[0],), int(task), dtype=torch.long, device=x.device)
             return net(x, ids).float()
 
     with eval_mode(net):

@@ -8,6 +8,7 @@ from medsemi.data.formats.registry import FORMAT_NAMES
 from medsemi.data.formats.splits import build_splits as build_2d
 from medsemi.data.synthetic.images2d import SyntheticConfig, build_synthetic_splits
 from medsemi.data.tools.check2d import check_dataset
+from medsemi.data.volumes.cases import TASK_NAMES
 from medsemi.families.base import DataError, DatasetFamily
 from medsemi.families.images import ImageFamily
 from medsemi.families.volumes import VOLUME_FORMATS, build_volume_family
@@ -26,6 +27,15 @@ def build_family(cfg: Config) -> DatasetFamily:
     if data.format in FORMAT_NAMES:
         return ImageFamily.of(_folder_splits(cfg))
     raise ConfigError(f"unknown data.format {data.format!r}; valid: {', '.join(ALL_FORMATS)}")
+
+
+def data_kind(cfg: Config) -> tuple[int, tuple[str, ...]]:
+    """What ``cfg.data`` holds before anything is read: its spatial dimensions and its tasks (the chosen
+    ``data.options.task`` or every task of a volume format; none for 2D images)."""
+    if cfg.data.format in VOLUME_FORMATS:
+        task = str((cfg.data.options or {}).get("task", "") or "")
+        return 3, (task,) if task else tuple(TASK_NAMES.values())
+    return 2, ()
 
 
 def _synthetic_splits(cfg: Config) -> Splits:

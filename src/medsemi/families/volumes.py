@@ -34,6 +34,11 @@ bank_device       train       where training volumes live: ``train`` (the traini
 image_dtype       float32     storage dtype of the volume bank (float16/bfloat16 halve memory)
 synthetic         {}          synthetic3d only: n_per_task (6), size_min (32), size_max (48),
                               other_prob (0.5), seed (0), test_fraction (0.25)
+unlabelled_crop   centre      crops of the unlabelled stream: ``centre`` (VerSemi, spec 1.6) or
+                              ``random`` (UA-MT / SSL4MIS / BCP: random crops for every scan)
+task              ""          one task name (pancreas, la, spleen, lung): keep only that task's
+                              labelled, unlabelled and test cases (the single-task methods
+                              ``*3d`` need it); model selection is then that task's Dice
 ================  ==========  ==============================================================
 
 The crop size is ``data.patch_size`` (96 in the paper). The training batch size is
@@ -59,7 +64,7 @@ from medsemi.data.synthetic.volumes3d import (
 )
 from medsemi.data.tools.check3d import check_volumes
 from medsemi.data.tools.prepare3d import RECIPES, Recipe
-from medsemi.data.volumes.cases import TASK_NAMES, Volume, read_cases
+from medsemi.data.volumes.cases import TASK_IDS, TASK_NAMES, Volume, read_cases, task_id_from_name
 from medsemi.data.volumes.crop_source import CropSource, LazyCropSource
 from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
 from medsemi.data.volumes.sampling import CropSampler, VolumeBank
@@ -73,7 +78,7 @@ VOLUME_FORMATS = ("versemi", "synthetic3d")
 DEFAULT_STRIDES = (16, 16, 4)
 _OPTION_KEYS = {
     "ratio", "repeats", "strides", "lcc", "selection", "metric_policy", "sw_batch_size", "bank_device",
-    "image_dtype", "synthetic", "allow_duplicates",
+    "image_dtype", "synthetic", "allow_duplicates", "task", "unlabelled_crop",
 }
 _SYNTHETIC_KEYS = {"n_per_task", "size_min", "size_max", "other_prob", "seed", "test_fraction"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -96,7 +101,8 @@ class VolumeFamily:
         self, cfg: Config, device: torch.device, seed: int, uses_unlabelled: bool, rank: int = 0, world_size: int = 1
     ) -> tuple[CropSource, CropSource | None]:
         """Labelled random-crop stream (x repeats, shuffled, drop_last) and the unlabelled centre-crop
-        stream (spec 1.6); the latter only when the method (and its options) use unlabelled data.
+        stream (spec 1.6; random crops with ``unlabelled_crop: random``); the latter only when the method
+        (and its options) use unlabelled data.
         Every rank uses the same epoch order (from ``cfg.seed``) and takes a strided share of it."""
         bank_dev = device if self.options["bank_device"] == "train" else torch.device("cpu")
         dtype = _DTYPES[self.options["image_dtype"]]
@@ -124,8 +130,8 @@ class VolumeFamily:
             unl_bank = VolumeBank(self.unlabelled_volumes, patch, device=bank_dev, with_labels=False,
                                   image_dtype=dtype)
             return CropSource(CropSampler(
-                unl_bank, cfg.train.unlabelled_batch_size, mode="centre", repeats=1, with_label=False,
-                seed=base_seed + 3, rank=rank, world_size=world_size,
+                unl_bank, cfg.train.unlabelled_batch_size, mode=self.options["unlabelled_crop"], repeats=1,
+                with_label=False, seed=base_seed + 3, rank=rank, world_size=world_size,
             ))
 
         return labelled, LazyCropSource(build_unlabelled)
@@ -170,9 +176,14 @@ def _options(cfg: Config) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ratio": 20, "repeats": 5, "strides": list(DEFAULT_STRIDES), "lcc": False, "selection": "pancreas",
         "metric_policy": "versemi", "sw_batch_size": 4, "bank_device": "train", "image_dtype": "float32",
-        "synthetic": {}, "allow_duplicates": False,
+        "synthetic": {}, "allow_duplicates": False, "task": "", "unlabelled_crop": "centre",
     }
     opts.update(raw)
+    task = str(opts["task"] or "")
+    if task and task not in TASK_NAMES.values():
+        raise ConfigError(f"data.options.task={task!r} is not a task of data.format={cfg.data.format}; "
+                          f"choose one of {', '.join(TASK_NAMES.values())}")
+    opts["task"] = task
     own_lists = cfg.data.format == "versemi" and bool(cfg.data.list_dir)
     if not isinstance(opts["ratio"], int) or isinstance(opts["ratio"], bool) or not 0 < opts["ratio"] < 100:
         raise ConfigError(f"data.options.ratio must be a percentage 1..99, got {opts['ratio']!r}")
@@ -188,10 +199,14 @@ def _options(cfg: Config) -> dict[str, Any]:
     if opts["selection"] not in ("mean", *TASK_NAMES.values()):
         raise ConfigError(f"data.options.selection must be 'mean' or a task name "
                           f"{list(TASK_NAMES.values())}, got {opts['selection']!r}")
+    if task:
+        opts["selection"] = task  # one task: model selection on its Dice, whatever the config selects
     if opts["metric_policy"] not in ("versemi", "config"):
         raise ConfigError(
             f"data.options.metric_policy must be versemi or config, got {opts['metric_policy']!r}"
         )
+    if opts["unlabelled_crop"] not in ("centre", "random"):
+        raise ConfigError(f"data.options.unlabelled_crop must be centre or random, got {opts['unlabelled_crop']!r}")
     if opts["bank_device"] not in ("train", "cpu"):
         raise ConfigError(f"data.options.bank_device must be train or cpu, got {opts['bank_device']!r}")
     if opts["image_dtype"] not in _DTYPES:
@@ -257,6 +272,8 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
         if not root.is_dir():
             raise ConfigError(f"data.root={root}: folder not found")
         split = load_versemi_split(ratio, data.list_dir or None, allow_duplicates=opts["allow_duplicates"])
+        if opts["task"]:  # check only the chosen task's cases
+            split = _one_task(split, TASK_IDS[opts["task"]])
         if data.check:
             _check_folder(root, split)
         volumes = None
@@ -266,6 +283,9 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
         raise ConfigError(
             f"build_volume_family: data.format must be versemi or synthetic3d, got {data.format!r}"
         )
+
+    if opts["task"]:
+        split = _one_task(split, TASK_IDS[opts["task"]])
 
     def load(names: tuple[str, ...], with_label: bool = True) -> list[Volume]:
         if volumes is not None:
@@ -279,28 +299,46 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
     needs_unl = needs_unl and get_method(cfg.method.name).uses_unlabelled
     unlabelled = load(split.unlabelled, with_label=False) if needs_unl else []
     test = {t: load(names) for t, names in split.test.items() if names}
-    info = volume_info(name, int(data.patch_size), opts["strides"], bool(opts["lcc"]))
+    info = volume_info(name, int(data.patch_size), opts["strides"], bool(opts["lcc"]), task=opts["task"])
     return VolumeFamily(info, split, labelled, unlabelled, test, opts, source)
 
 
 def volume_info(
     name: str, patch_size: int, strides: list[int] | tuple[int, ...] = DEFAULT_STRIDES, lcc: bool = False,
-    in_channels: int = 1,
+    in_channels: int = 1, task: str = "",
 ) -> DatasetInfo:
-    """What a model trained on the volume family records about its data (``name``: versemi | synthetic3d);
-    also used for imported checkpoints, which have no data."""
+    """What a model trained on the volume family records about its data (``name``: versemi | synthetic3d;
+    ``task``: the one task of a single-task run, else all); also used for imported checkpoints, which have
+    no data."""
     p = int(patch_size)
+    domains = (task,) if task else tuple(TASK_NAMES.values())
     return DatasetInfo(
-        name=name, in_channels=in_channels, label_spec=LABEL_SPEC, domains=tuple(TASK_NAMES.values()),
+        name=name, in_channels=in_channels, label_spec=LABEL_SPEC, domains=domains,
         patch_size=(p, p, p),
         extra={
             "tasks": {str(k): v for k, v in TASK_NAMES.items()},
+            "task": task,
             "synthetic_task": 5,
             "strides": [int(s) for s in strides],
             "lcc": bool(lcc),
             "preprocessing": _preprocessing_extra(name),
         },
     )
+
+
+def _one_task(split: VerSemiSplit, task_id: int) -> VerSemiSplit:
+    """The split restricted to one task's labelled, unlabelled and test cases (an error when it has none
+    labelled or none to test)."""
+    def keep(names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n for n in names if task_id_from_name(n) == task_id)
+
+    out = VerSemiSplit(split.ratio, keep(split.labelled), keep(split.unlabelled),
+                       {task_id: split.test.get(task_id, ())}, f"{split.source}, task {TASK_NAMES[task_id]}")
+    if not out.labelled or not out.test[task_id]:
+        raise ConfigError(f"data.options.task={TASK_NAMES[task_id]}: the lists ({split.source}, ratio "
+                          f"{split.ratio}) have {len(out.labelled)} labelled and {len(out.test[task_id])} "
+                          "test case(s) of that task; both must be at least 1")
+    return out
 
 
 def _preprocessing_extra(name: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """BCP baseline (Bai et al., CVPR 2023, "Bidirectional Copy-Paste for Semi-Supervised Medical Image
-Segmentation"), following the authors' 2D (ACDC) self-training script.
+Segmentation"), following the authors' 2D (ACDC) self-training script; ``bcp3d`` is the same class on
+one task's volumes, as their LA / pancreas scripts (a 2/3-side box per axis, the same region losses).
 
 One box ``M`` (1 inside; BCP writes it as a ones mask with a *zero* box) of side ``int(2/3 · H) x
 int(2/3 · W)`` at a uniformly random position (top-left ``y ∈ {0 .. H-h-1}``, ``x ∈ {0 .. W-w-1}``, as
@@ -48,37 +49,42 @@ from medsemi.schedules import consistency_weight
 _HERE = "methods/bcp.py"
 
 
-def bcp_box(batch: int, height: int, width: int, generator: torch.Generator | None = None,
+def bcp_box(batch: int, spatial: tuple[int, ...], generator: torch.Generator | None = None,
             device: torch.device | str = "cpu", ratio: float = 2.0 / 3.0, per_sample: bool = False
             ) -> torch.Tensor:
-    """BCP box mask, float32 ``(B, H, W)``, 1 inside a ``int(ratio·H) x int(ratio·W)`` box.
+    """BCP box mask, float32 ``(B, *spatial)``, 1 inside a box of side ``int(ratio · size)`` per axis.
 
-    The top-left corner is uniform on ``{0 .. H-h-1} x {0 .. W-w-1}`` (BCP's exclusive ``randint``; a
-    box as large as the image sits at 0). One box shared by the batch unless ``per_sample``.
+    Any number of spatial axes: 2D ``(H, W)`` as BCP's ACDC script, 3D ``(D, H, W)`` as its LA and
+    pancreas scripts (``int(2/3 · size)`` per axis there too). The box start on each axis is uniform on
+    ``{0 .. size-side-1}`` (BCP's exclusive ``randint``; a box as large as the axis sits at 0), one uniform
+    draw per axis in axis order. One box shared by the batch unless ``per_sample``.
     """
-    if batch < 1 or height < 1 or width < 1:
-        raise ValueError(f"{_HERE}: bad box batch/size {batch}, {height}x{width}")
+    spatial = tuple(int(s) for s in spatial)
+    if batch < 1 or not spatial or min(spatial) < 1:
+        raise ValueError(f"{_HERE}: bad box batch/size {batch}, {spatial}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"{_HERE}: box ratio must be in (0, 1], got {ratio}")
-    ph, pw = int(height * ratio), int(width * ratio)
-    ny, nx = max(height - ph, 1), max(width - pw, 1)
     n = batch if per_sample else 1
     if generator is None:
-        u = torch.rand((n, 2), device=device, dtype=torch.float64)
+        u = torch.rand((n, len(spatial)), device=device, dtype=torch.float64)
     else:
-        u = torch.rand((n, 2), generator=generator, device=generator.device, dtype=torch.float64).to(device)
-    y = torch.floor(u[:, 0] * ny).clamp(max=ny - 1).long()
-    x = torch.floor(u[:, 1] * nx).clamp(max=nx - 1).long()
-    rows = torch.arange(height, device=device)
-    cols = torch.arange(width, device=device)
-    in_rows = (rows[None, :] >= y[:, None]) & (rows[None, :] < (y + ph)[:, None])
-    in_cols = (cols[None, :] >= x[:, None]) & (cols[None, :] < (x + pw)[:, None])
-    box = (in_rows[:, :, None] & in_cols[:, None, :]).to(torch.float32)
-    return box.expand(batch, height, width).contiguous()
+        u = torch.rand((n, len(spatial)), generator=generator, device=generator.device,
+                       dtype=torch.float64).to(device)
+    inside = torch.ones((n,) + (1,) * len(spatial), dtype=torch.bool, device=device)
+    for axis, size in enumerate(spatial):
+        side = int(size * ratio)
+        count = max(size - side, 1)
+        start = torch.floor(u[:, axis] * count).clamp(max=count - 1).long()
+        index = torch.arange(size, device=device)
+        on_axis = (index[None, :] >= start[:, None]) & (index[None, :] < (start + side)[:, None])  # (n, size)
+        shape = [n] + [1] * len(spatial)
+        shape[1 + axis] = size
+        inside = inside & on_axis.view(shape)
+    return inside.to(torch.float32).expand(batch, *spatial).contiguous()
 
 
 def _per_output(region: torch.Tensor, label_spec: LabelSpec) -> torch.Tensor:
-    """A spatial region ``(B, H, W)`` shaped like a weight: ``(B, 1, H, W)`` for multi-label labels."""
+    """A spatial region ``(B, *S)`` shaped like a weight: ``(B, 1, *S)`` for multi-label labels."""
     return region.unsqueeze(1) if label_spec.multilabel else region
 
 
@@ -150,8 +156,7 @@ class BCP(Method):
         if h < 1:
             raise ValueError(f"{_HERE}: BCP pre-training needs a labelled batch of at least 2, "
                              f"got {x.shape[0]}")
-        box = bcp_box(h, x.shape[-2], x.shape[-1], self.generator, x.device, opt.box_ratio,
-                      opt.box_per_sample)
+        box = bcp_box(h, tuple(x.shape[2:]), self.generator, x.device, opt.box_ratio, opt.box_per_sample)
         inp = paste(x[:h], x[h:2 * h], box)
         logits = self.student(inp)
         total, ce, dice = self.mixed_loss(logits, y[:h], _per_output(1.0 - box, spec), 1.0,
@@ -180,8 +185,7 @@ class BCP(Method):
             half_a, half_b = slice(0, n // 2), slice(n // 2, n)
         else:
             half_a = half_b = slice(0, n)
-        height, width = x_l.shape[-2:]
-        box = bcp_box(n, height, width, self.generator, x_l.device, opt.box_ratio, opt.box_per_sample)
+        box = bcp_box(n, tuple(x_l.shape[2:]), self.generator, x_l.device, opt.box_ratio, opt.box_per_sample)
         ramp = consistency_weight(progress.iteration, progress.max_iterations) if opt.ramp else 1.0
         alpha = opt.alpha * ramp
 
@@ -211,3 +215,20 @@ class BCP(Method):
         loss = opt.scale * total
         logs.update(ce=ce.detach(), dice_loss=dice.detach())
         return StepOutput(loss, logs)
+
+
+@dataclass
+class BCP3DOptions(BCPOptions):
+    name: str = "bcp3d"
+
+
+@register
+class BCP3D(BCP):
+    """BCP on one task's volumes: the authors' LA / pancreas self-training scripts use the same losses with
+    a 3D box of ``int(2/3 · size)`` per axis (see :func:`bcp_box`)."""
+
+    name = "bcp3d"
+    Options = BCP3DOptions
+    spatial_dims = 3
+    single_task = True
+    description = "BCP on one task's volumes (plain VNet, 2/3-side 3D box)"

@@ -7,7 +7,8 @@ import importlib
 from medsemi.methods.base import Method
 
 _REGISTRY: dict[str, type[Method]] = {}
-_MODULES = ("supervised", "mean_teacher", "fixmatch", "unimatch", "bcp", "midss", "ustrun", "versemi")
+_MODULES = ("supervised", "mean_teacher", "uamt", "cps", "fixmatch", "unimatch", "bcp", "midss", "ustrun",
+            "versemi")
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -148,6 +148,7 @@ class VerSemi(Method):
     Options = VerSemiOptions
     uses_unlabelled = True
     uses_teacher = False  # the original's EMA is never used for targets or testing (spec 3.4)
+    spatial_dims = 3
     description = "VerSemi: task-prompted VNet, synthetic CutMix task, max-aggregate consistency (3D)"
     default_pipeline: ClassVar[str | None] = None
     # released: train.py's main runs stage 1 only (N1); its stage 2, when run, keeps the one Adam of stage 1

@@ -14,13 +14,24 @@ class ModelChoice(Protocol):
 
     name: str
     base_channels: int
+    dropout: float
 
 
 def build_model(model: ModelChoice, info: DatasetInfo) -> nn.Module:
+    dropout = float(getattr(model, "dropout", 0.0))
     if model.name == "unet2d":
         from medsemi.nets.unet2d import UNet2D
 
-        return UNet2D(info.in_channels, info.label_spec.num_outputs, base_channels=model.base_channels)
+        return UNet2D(info.in_channels, info.label_spec.num_outputs, base_channels=model.base_channels,
+                      dropout=dropout)
+    if model.name == "vnet":
+        from medsemi.nets.vnet import SegVNet
+
+        if len(info.patch_size) != 3:
+            raise ValueError(f"model.name=vnet needs 3D data (patch_size of 3 dims); {info.name!r} has "
+                             f"patch_size {info.patch_size}")
+        return SegVNet(info.in_channels, info.label_spec.num_outputs, base_filters=model.base_channels,
+                       dropout=dropout)
     if model.name == "versemi_vnet":
         from medsemi.nets.task_prompted import TaskPromptedVNet
 
@@ -30,5 +41,7 @@ def build_model(model: ModelChoice, info: DatasetInfo) -> nn.Module:
                 f"2 outputs); {info.name!r} has patch_size {info.patch_size} and "
                 f"{info.label_spec.num_outputs} outputs"
             )
+        if dropout:
+            raise ValueError("model.dropout is not supported by model.name=versemi_vnet; set it to 0")
         return TaskPromptedVNet(info.in_channels, base_filters=model.base_channels)
-    raise ValueError(f"unknown model.name {model.name!r}; valid: unet2d, versemi_vnet")
+    raise ValueError(f"unknown model.name {model.name!r}; valid: unet2d, vnet, versemi_vnet")

@@ -170,6 +170,8 @@ class TaskPromptedVNet(nn.Module):
     ``forward_tasks(image, task_ids (B, T) or (T,)) -> logits (B, T, 2, D, H, W)`` with one backbone pass.
     """
 
+    takes_task_ids = True  # forward(image, task_ids): evaluation queries it with each volume's task
+
     def __init__(
         self,
         in_channels: int = 1,

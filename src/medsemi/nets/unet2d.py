@@ -2,7 +2,8 @@
 
 Encoder ``inc`` + ``down1..4`` (MaxPool 2x2 then DoubleConv, widths b, 2b, 4b, 8b, 16b), decoder ``up1..4``
 (ConvTranspose 2x2 stride 2 halving the channels, pad to the skip's size, concatenate ``[skip, up]``,
-DoubleConv) and a 1x1 head. DoubleConv = [Conv3x3 (no bias) -> norm -> ReLU] x 2. No dropout.
+DoubleConv) and a 1x1 head. DoubleConv = [Conv3x3 (no bias) -> norm -> ReLU] x 2. No dropout by default;
+``dropout > 0`` adds one Dropout2d on the bottleneck (UA-MT's stochastic teacher passes need dropout).
 With ``in_channels=3, out_channels=2, base_channels=64`` it has exactly 31,037,698 parameters.
 
 BatchNorm layers are created through ``norm_layer`` (a ``Callable[[int], nn.Module]``) so a grouped-statistics
@@ -86,8 +87,10 @@ class UNet2D(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, base_channels: int = 64, bilinear: bool = False,
-                 norm_layer: NormFactory = nn.BatchNorm2d) -> None:
+                 norm_layer: NormFactory = nn.BatchNorm2d, dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"nets/unet2d.py: dropout must be in [0, 1), got {dropout}")
         for name, val in (("in_channels", in_channels), ("out_channels", out_channels),
                           ("base_channels", base_channels)):
             if not isinstance(val, int) or isinstance(val, bool) or val < 1:
@@ -108,6 +111,7 @@ class UNet2D(nn.Module):
         self.up3 = Up(4 * b, 2 * b // factor, bilinear, norm_layer)
         self.up4 = Up(2 * b, b, bilinear, norm_layer)
         self.outc = nn.Conv2d(b, out_channels, kernel_size=1, bias=True)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -121,6 +125,8 @@ class UNet2D(nn.Module):
         x3 = self.down2(x2)
         x4 = self.down3(x3)
         x5 = self.down4(x4)
+        if self.dropout is not None:
+            x5 = self.dropout(x5)
         y = self.up1(x5, x4)
         y = self.up2(y, x3)
         y = self.up3(y, x2)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["VNet", "VNetFeatures", "ConvStage", "DownBlock", "UpBlock"]
+__all__ = ["VNet", "VNetFeatures", "ConvStage", "DownBlock", "UpBlock", "SegVNet"]
 
 
 class VNetFeatures(NamedTuple):
@@ -141,3 +141,34 @@ class VNet(nn.Module):
     def forward(self, x: torch.Tensor) -> VNetFeatures:
         _, x2, x3, x4, x5 = self.encode(x)
         return VNetFeatures(bottleneck=x5, decoder=self.decode(x2, x3, x4, x5))
+
+
+class SegVNet(nn.Module):
+    """Plain single-task VNet: the VerSemi backbone (:class:`VNet`) and a 1x1x1 conv head with a fixed
+    number of outputs (2 for one binary task); ``forward(x) -> logits (B, out_channels, D, H, W)``.
+
+    The lineage's VNet (UA-MT ``networks/vnet.py``, reused by BCP and SSL4MIS) differs: residual-free
+    stages like ours but BatchNorm instead of InstanceNorm, a skip from x1 and one more decoder stage
+    (``block_nine``) before the head. ``dropout > 0`` puts a Dropout3d of that probability on the
+    bottleneck x5 *and* on the decoder feature before the head, where the lineage's ``has_dropout=True``
+    puts its two Dropout3d(0.5); 0 (default) = no dropout.
+    """
+
+    takes_task_ids = False  # forward(x): evaluation does not pass a task prompt
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 2, base_filters: int = 16,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if out_channels < 1:
+            raise ValueError(f"nets/vnet.py: out_channels must be >= 1, got {out_channels}")
+        self.backbone = VNet(in_channels, base_filters, dropout)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.dropout = nn.Dropout3d(dropout) if dropout > 0 else None
+        self.head = nn.Conv3d(base_filters, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = self.backbone(x).decoder
+        if self.dropout is not None:
+            feature = self.dropout(feature)
+        return self.head(feature)

@@ -1,6 +1,18 @@
 """``medsemi bench compare`` and ``medsemi demo``: several methods × seeds on one config, a
 comparison table (Markdown + CSV, mean ± sd over seeds, per domain and class, both model-selection
-protocols) and a bar chart."""
+protocols) and a bar chart.
+
+On a 3D volume config (``data.format`` versemi / synthetic3d) a *single-task* method (``supervised3d``,
+``mean_teacher3d``, ``uamt3d``, ``cps3d``, ``bcp3d``: ``Method.single_task``) is trained once per task
+(``data.options.task=<task>``, the config's tasks, all four unless the config chooses one) with a plain
+VNet of the same width (``model.name=vnet`` where the config has the task-prompted ``versemi_vnet``), the
+config's data, crops, optimiser, iterations and evaluation, and *without* the config's ``method``
+section nor the command's ``method.*`` overrides (those belong to the config's own method;
+``name:key=value`` variants still set options).
+Its per-task results are merged into one row: per-task metrics from each task's run, the mean over the
+tasks as for a multi-task run. The table then has a column per task and metric (Dice, Jaccard, HD95,
+ASD) and the mean over tasks.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +25,8 @@ import numpy as np
 
 import medsemi
 from medsemi.config import Config, apply_overrides, config_from_dict, load_config, read_raw_config
+from medsemi.data.volumes.cases import TASK_NAMES
+from medsemi.families.volumes import VOLUME_FORMATS
 from medsemi.workflows.references import load_references, render_references
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
@@ -63,20 +77,62 @@ def run_label(method: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
 
 
-def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
+def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str],
+                       task: str = "") -> dict:
+    """Train one method with one seed (on one task when ``task`` is given, see the module docstring) and
+    evaluate its checkpoints; a finished run directory is reused."""
     from medsemi.engine.trainer import Trainer
     from medsemi.workflows.evaluate_run import evaluate_run
 
     if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
         return json.loads((run_dir / "eval.json").read_text())
-    cfg = config_for_method(config, method, [*overrides, f"seed={seed}"])
-    cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
+    if task:
+        base = load_config(config, overrides)
+        model = ["model.name=vnet"] if base.model.name == "versemi_vnet" else []
+        common = [o for o in overrides if not o.startswith("method.")]  # those belong to the config's method
+        cfg = load_config(config, [*common, f"data.options.task={task}", *model, *method_overrides(method),
+                                   f"seed={seed}"], replace_method=True)
+        cfg.name = f"{cfg.name}-{run_label(method)}-{task}-s{seed}"
+    else:
+        cfg = config_for_method(config, method, [*overrides, f"seed={seed}"])
+        cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
     trainer.fit()
     if not trainer.finished:  # interrupted (Ctrl-C / SIGTERM): the checkpoint is written, stop here
         raise SystemExit(f"interrupted in {run_dir}; run the same command again to resume")
     return evaluate_run(run_dir, cfg=cfg, family=trainer.family, device=str(trainer.device))
+
+
+def method_tasks(method: str, base_format: str, base_task: str) -> list[str]:
+    """The tasks a method entry is trained on separately: every task (or the config's one) for a
+    single-task method on a volume config; ``[""]`` (one run on the config as it is) otherwise."""
+    from medsemi.methods.registry import get_method
+
+    if base_format not in VOLUME_FORMATS or not get_method(method.split(":")[0]).single_task:
+        return [""]
+    return [base_task] if base_task else list(TASK_NAMES.values())
+
+
+def merge_tasks(per_task: dict[str, dict]) -> dict:
+    """One result per role from single-task runs ``{task: eval result}``: ``per_domain`` from each run,
+    ``macro`` the NaN-aware mean over the tasks (as ``metrics.aggregate`` does over domains)."""
+    roles = [r for r in next(iter(per_task.values())) if all(r in res for res in per_task.values())]
+    merged: dict = {}
+    for role in roles:
+        per_domain = {}
+        for task, res in per_task.items():
+            per_domain[task] = res[role]["per_domain"][task]
+        classes = list(next(iter(per_domain.values())))
+        macro = {}
+        for cls in classes:
+            names = list(dict.fromkeys(m for d in per_domain.values() for m in d.get(cls, {})))
+            macro[cls] = {m: _mean_sd([d.get(cls, {}).get(m, math.nan) for d in per_domain.values()])[0]
+                          for m in names}
+        merged[role] = {"per_domain": per_domain, "macro": macro,
+                        "mean_dice": float(np.nanmean([macro[c].get("dice", math.nan) for c in classes])),
+                        "tasks_merged": list(per_task)}
+    return merged
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -129,6 +185,20 @@ def render_markdown(rows: list[dict], methods: list[str], protocol: str, setting
     return "\n".join(lines)
 
 
+def render_task_markdown(rows: list[dict], methods: list[str], protocol: str, setting: str) -> str:
+    """One table for a volume setting: a column per task and metric, then the mean over tasks."""
+    scopes = [sc for sc in dict.fromkeys(r["scope"] for r in rows) if sc != "macro"] + ["macro"]
+    lines = [f"### {protocol} ({setting}; mean±sd over seeds; HD95/ASD in voxels)", ""]
+    header = [f"{'mean' if sc == 'macro' else sc} {label}" for sc in scopes
+              for label in ("Dice", "Jaccard", "HD95", "ASD")]
+    lines.append("| method | " + " | ".join(header) + " |")
+    lines.append("|---" * (len(header) + 1) + "|")
+    for m in methods:
+        cells = [_cell(rows, m, sc, k) for sc in scopes for k in METRICS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bar_chart(rows: list[dict], methods: list[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -173,19 +243,31 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     overrides = list(overrides or [])
     base = load_config(config, overrides)
     results: dict[str, list[dict]] = {m: [] for m in methods}
+    base_task = str((base.data.options or {}).get("task", "") or "")
     for method in methods:
+        tasks = method_tasks(method, base.data.format, base_task)
         for seed in range(seeds):
-            run_dir = out / f"{run_label(method)}-seed{seed}"
-            results[method].append(train_and_evaluate(config, method, base.seed + seed, run_dir, overrides))
+            if tasks == [""]:
+                run_dir = out / f"{run_label(method)}-seed{seed}"
+                results[method].append(train_and_evaluate(config, method, base.seed + seed, run_dir, overrides))
+                continue
+            per_task = {
+                task: train_and_evaluate(config, method, base.seed + seed,
+                                         out / f"{run_label(method)}-{task}-seed{seed}", overrides, task)
+                for task in tasks
+            }
+            results[method].append(merge_tasks(per_task))
     rows = []
-    per_task = base.data.format in ("versemi", "synthetic3d")
-    setting = "one network for all tasks" if per_task else f"labelled domain {base.data.lb_domain}"
+    volumes = base.data.format in VOLUME_FORMATS
+    setting = "3D tasks: multi-task methods once on all tasks, single-task methods once per task" if volumes \
+        else f"labelled domain {base.data.lb_domain}"
+    render = render_task_markdown if volumes else render_markdown
     parts = [f"# Comparison: {config.name} ({', '.join(overrides) or 'no overrides'}), {seeds} seed(s)", ""]
     for protocol in ("best_test", "best_test_stage1", "best_val", "last_student", "last_teacher"):
         prot_rows = summarise(results, protocol)
         if prot_rows:
             rows += prot_rows
-            parts += [render_markdown(prot_rows, methods, protocol, setting), ""]
+            parts += [render(prot_rows, methods, protocol, setting), ""]
     ref_path = Path(references) if references else default_references()
     published = render_references(load_references(ref_path), base, methods) if ref_path else ""
     if published:

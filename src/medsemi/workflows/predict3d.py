@@ -54,6 +54,12 @@ def resolve_task(info: DatasetInfo, task: int | None) -> int:
         i + 1: d for i, d in enumerate(info.domains)
     }
     names = ", ".join(f"{k} = {v}" for k, v in sorted(tasks.items()))
+    only = str(info.extra.get("task", "") or "")  # a single-task model (data.options.task)
+    if only:
+        tid = next(k for k, v in tasks.items() if v == only)
+        if task is not None and int(task) != tid:
+            raise ValueError(f"--task {task}: this model was trained on task {tid} = {only} only")
+        return tid
     if task is None:
         if len(tasks) == 1:
             return next(iter(tasks))
