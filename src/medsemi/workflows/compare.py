@@ -278,7 +278,7 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
         writer.writeheader()
         writer.writerows(rows)
     bar_chart([r for r in rows if r["protocol"] == "best_test"], methods, out / "comparison.png",
-              f"{config.stem}: Dice per test {'task' if per_task else 'domain'} (best-on-test)")
+              f"{config.stem}: Dice per test {'task' if volumes else 'domain'} (best-on-test)")
     print("\n".join(parts))
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'comparison.png'}")
     return {"rows": rows, "results": results}
