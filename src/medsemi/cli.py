@@ -20,7 +20,7 @@ def _run_dir(cfg, explicit: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from medsemi import distributed as ddp
     from medsemi.config import load_config
-    from medsemi.engine.trainer import Trainer
+    from medsemi.engine.trainer import NonFiniteLossError, Trainer
     from medsemi.workflows.evaluate_run import evaluate_run
 
     if args.resume:
@@ -35,7 +35,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ddp.is_main_process():
         print(f"run directory: {run_dir}")
         print(f"data: {trainer.family.info.name} {trainer.family.summary()}")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        print(f"medsemi train: error: {err}", file=sys.stderr)
+        return 3
     if not trainer.finished:
         print(f"stopped at iteration {trainer.iteration}; continue with: medsemi train --resume {run_dir}")
         return 130

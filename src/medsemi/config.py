@@ -79,6 +79,9 @@ class TrainSection:
     eval_every: int = 500  # also the "epoch" length of spec 1.3
     checkpoint_every: int = 500
     log_every: int = 20
+    # a non-finite loss: stop (checked at each log interval, no per-step host sync) | skip_step (that
+    # step's update is masked out on the device; a log interval whose every step was skipped stops)
+    nonfinite: str = "stop"
     deterministic: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
