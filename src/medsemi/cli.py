@@ -67,7 +67,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from medsemi.workflows.predict import predict_folder
 
-    written = predict_folder(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
+    written = predict_folder(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task,
+                             overwrite=args.overwrite)
     print(f"wrote {len(written)} mask(s) to {args.output_dir}")
     return 0
 
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--device", default="auto")
     p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing existing masks in OUTPUT_DIR, or writing inside INPUT_DIR (never an input)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("score", help="score a folder of predicted masks against ground truth (evaluate_folder)")

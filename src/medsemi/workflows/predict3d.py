@@ -24,6 +24,7 @@ import torch
 
 from medsemi.config import Config
 from medsemi.data.contract import DatasetInfo
+from medsemi.workflows.output_plan import plan_outputs
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -109,9 +110,10 @@ def back_to_shape(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def predict_volumes(
     state: dict, cfg: Config, info: DatasetInfo, input_dir: str | Path, output_dir: str | Path,
-    device: str = "auto", task: int | None = None,
+    device: str = "auto", task: int | None = None, overwrite: bool = False,
 ) -> list[Path]:
-    """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``."""
+    """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``
+    (no input and, without ``overwrite``, no existing file replaced: :mod:`medsemi.workflows.output_plan`)."""
     import nibabel as nib
 
     from medsemi.data.volumes.nifti import load_nifti
@@ -122,6 +124,7 @@ def predict_volumes(
 
     task_id = resolve_task(info, task)
     files = list_nifti(input_dir)
+    targets = plan_outputs(files, input_dir, output_dir, lambda p: _stem(p) or p.stem, ".nii.gz", overwrite)
     dev = resolve_device(device)
     model = build_model(cfg.model, info).to(dev)
     model.load_state_dict(state["model"])
@@ -136,11 +139,10 @@ def predict_volumes(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
-        for path in files:
+        for path, target in zip(files, targets):
             vol = load_nifti(path)
             image = preprocess(vol.data, vol.spacing, recipe, source=str(path))
             mask = predict_volume(model, image, task_id, cfg, options, dev)
             mask = back_to_shape(mask, vol.data.shape)
-            target = out_dir / f"{_stem(path)}.nii.gz"
             written.append(save_prediction_nifti(mask, nib.load(str(path)), target))
     return written
