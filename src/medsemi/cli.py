@@ -54,11 +54,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medsemi.config import load_config
     from medsemi.evaluation.report import CHECKPOINTS
-    from medsemi.workflows.evaluate_run import evaluate_run
+    from medsemi.workflows.evaluate_run import default_out_dir, evaluate_run
 
     which = tuple(args.checkpoint) if args.checkpoint else tuple(CHECKPOINTS)
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
-    out = args.out or args.run_dir
+    out = args.out
+    if not out:
+        out, diffs = default_out_dir(args.run_dir, cfg, which)
+        if diffs:
+            print(f"this evaluation differs from training's ({', '.join(diffs)}): writing to {out}; "
+                  f"the run's own report.md is unchanged (--out chooses another folder)", file=sys.stderr)
     evaluate_run(args.run_dir, which=which, device=args.device, cfg=cfg, out_dir=out)
     print((Path(out) / "report.md").read_text())
     return 0
@@ -176,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="evaluate a run's checkpoints per domain, write report.md + eval.json")
     p.add_argument("run_dir")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.bn_adaptation=true eval.hd95=max_directed")
-    p.add_argument("--out", help="where to write report.md / eval.json (default: RUN_DIR)")
+    p.add_argument("--out", help="where to write report.md / eval.json (default: RUN_DIR when the options are "
+                   "training's, else RUN_DIR/evaluations/<what differs>)")
     p.add_argument("--checkpoint", action="append",
                    choices=["best_test", "best_val", "last_student", "last_teacher"],
                    help="which checkpoint(s) (default: all present)")
