@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_compare)
 
     p = sub.add_parser("demo", help="supervised vs UST-RUN on the embedded synthetic data (CPU, a few minutes)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.set_defaults(func=cmd_demo)
     return parser

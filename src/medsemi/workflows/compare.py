@@ -1,6 +1,12 @@
 """``medsemi bench compare`` and ``medsemi demo``: several methods × seeds on one config, a
 comparison table (Markdown + CSV, mean ± sd over seeds, per domain and class, both model-selection
-protocols) and a bar chart."""
+protocols) and a bar chart.
+
+Runs are resumable: a run folder of ``--out`` that already holds a finished (``eval.json``) or interrupted
+(``checkpoints/last.pt``) run is reused only when its resolved ``config.yaml`` equals the requested one;
+otherwise the command stops before training anything and says which settings differ. Every entry of
+``--methods`` (name and options) is checked first, too.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import medsemi
-from medsemi.config import load_config
+from medsemi.config import Config, config_to_dict, load_config
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -47,17 +53,54 @@ def run_label(method: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
 
 
-def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
-    from medsemi.engine.trainer import Trainer
-    from medsemi.workflows.evaluate_run import evaluate_run
-
-    if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
-        return json.loads((run_dir / "eval.json").read_text())
+def run_config(config: Path, method: str, seed: int, overrides: list[str]) -> Config:
+    """The resolved config of one run (raises a clear error for an unknown method or option)."""
     cfg = load_config(config, [*overrides, *method_overrides(method), f"seed={seed}"])
     cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
+    return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_reusable(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run folder whose finished or interrupted run was made with other settings."""
+    has_run = (run_dir / "eval.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+    if not has_run:
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} holds a run without config.yaml, so it cannot be reused; choose another "
+                         "--out or delete that folder")
+    old = _flat(config_to_dict(load_config(run_dir / "config.yaml")))
+    new = _flat(config_to_dict(cfg))
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ValueError(f"{run_dir} holds a run made with other settings ({shown}); nothing was trained: choose "
+                         "another --out, or delete that folder to train it again")
+
+
+def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str]) -> dict:
+    from medsemi.engine.trainer import NonFiniteLossError, Trainer
+    from medsemi.workflows.evaluate_run import evaluate_run
+
+    cfg = run_config(config, method, seed, overrides)
+    check_reusable(run_dir, cfg)
+    if (run_dir / "eval.json").exists():  # finished earlier with the same settings: reuse
+        return json.loads((run_dir / "eval.json").read_text())
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        raise SystemExit(f"medsemi: error: {err}") from None
     if not trainer.finished:  # interrupted (Ctrl-C / SIGTERM): the checkpoint is written, stop here
         raise SystemExit(f"interrupted in {run_dir}; run the same command again to resume")
     return evaluate_run(run_dir, cfg=cfg, family=trainer.family, device=str(trainer.device))
@@ -147,6 +190,10 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     base = load_config(config, overrides)
+    for method in methods:  # every name, option and reusable run checked before anything trains
+        for seed in range(seeds):
+            check_reusable(out / f"{run_label(method)}-seed{seed}",
+                           run_config(config, method, base.seed + seed, overrides))
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for method in methods:
         for seed in range(seeds):
@@ -173,8 +220,10 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     return {"rows": rows, "results": results}
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
-    """Supervised vs UST-RUN on the embedded synthetic data; prints the per-domain tables and the gain."""
+def run_demo(out: str | Path | None = None, quick: bool = False) -> dict:
+    """Supervised vs UST-RUN on the embedded synthetic data; prints the per-domain tables and the gain.
+    Default folder: ``runs/demo`` (``runs/demo-quick`` with ``quick``, so the two never mix)."""
+    out = out or ("runs/demo-quick" if quick else "runs/demo")
     from medsemi.methods.registry import available_methods
 
     methods = [m for m in ("supervised", "ustrun") if m in available_methods()]
