@@ -133,9 +133,15 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from medsemi.data.tools.prepare3d import prepare_dataset
 
-    prepare_dataset(args.kind, args.src_dir, args.out_dir)
-    print(f"prepared {args.kind} into {args.out_dir}")
-    return 0
+    foreground = None
+    if args.foreground:
+        try:
+            foreground = tuple(int(v) for v in args.foreground.split(","))
+        except ValueError:
+            raise ValueError(f"--foreground must be label values like 1,2, got {args.foreground!r}") from None
+    report = prepare_dataset(args.kind, args.src_dir, args.out_dir, overwrite=args.overwrite, foreground=foreground)
+    print(report.summary(args.out_dir))
+    return 1 if report.problems else 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -235,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["pancreas", "la", "spleen", "lung"])
     p.add_argument("src_dir")
     p.add_argument("out_dir")
+    p.add_argument("--foreground", metavar="V[,V...]",
+                   help="label values that are foreground (default: 1; la: any non-zero); e.g. 1,2 merges MSD "
+                        "pancreas tumour (2) into the pancreas")
+    p.add_argument("--overwrite", action="store_true", help="replace cases already prepared in OUT_DIR")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("methods", help="list the registered methods and their options")
