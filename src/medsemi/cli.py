@@ -96,13 +96,21 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from medsemi.data.synthetic.images2d import SyntheticConfig, write_fundus_layout
+    from medsemi.data.synthetic.images2d import SyntheticConfig, synth_layout, write_layout
 
-    cfg = SyntheticConfig(kind=args.kind, num_domains=args.domains, size=args.size,
+    domains = args.domains or (4 if args.kind == "multilabel" else 6)
+    size = args.size
+    if size is None:  # the reader's native size: the prostate reader does not resize (384), fundus 256
+        size = 384 if synth_layout(SyntheticConfig(kind=args.kind, num_domains=domains)) == "prostate" else 256
+    cfg = SyntheticConfig(kind=args.kind, num_domains=domains, size=size,
                           train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
                           seed=args.seed)
-    write_fundus_layout(cfg, args.out_dir)
-    print(f"wrote the synthetic {args.kind} dataset to {args.out_dir}")
+    try:
+        layout = write_layout(cfg, args.out_dir, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    print(f"wrote the synthetic {args.kind} dataset ({domains} domains) in the {layout} layout to "
+          f"{args.out_dir}; train on it with data.format={layout} data.root={args.out_dir}")
     return 0
 
 
@@ -217,11 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools: synth, check, convert, prepare")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("synth", help="write the embedded synthetic dataset in the Fundus (or ProstateSlice) layout")
+    p = dsub.add_parser("synth", help="write the embedded synthetic dataset in the Fundus (or ProstateSlice) layout",
+                        description="Write the synthetic dataset: multilabel with 4 domains in the Fundus layout, "
+                                    "exclusive with up to 6 in the ProstateSlice layout, any other number of "
+                                    "domains in the generic format.")
     p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--kind", default="multilabel", choices=["multilabel", "exclusive"])
-    p.add_argument("--domains", type=int, default=4)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--domains", type=int, default=None,
+                   help="number of domains (default: 4 for multilabel, the Fundus layout; 6 for exclusive, the "
+                        "ProstateSlice sites); other numbers are written in the generic format")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (default: the reader's native size, 384 for ProstateSlice, else 256)")
     p.add_argument("--train-per-domain", type=int, default=40)
     p.add_argument("--test-per-domain", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
