@@ -13,6 +13,7 @@ from medsemi.cli import main
 from medsemi.config import load_config
 from medsemi.engine.step_guard import SkipNonFinite
 from medsemi.engine.trainer import NonFiniteLossError, Trainer
+from medsemi.methods.base import Progress
 from medsemi.methods.registry import get_method
 from medsemi.methods.supervised import Supervised
 
@@ -160,3 +161,23 @@ def test_resume_of_a_run_without_checkpoint_is_one_sentence(tmp_path, capsys):
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint to resume" in err and str(run) in err
+
+
+def test_skip_step_reads_nothing_back_from_the_device(tmp_path, tiny_overrides, monkeypatch):
+    """No .item(), .tolist(), bool() or .cpu() on a tensor inside a skip_step training step (on a GPU each
+    would wait for the device)."""
+    _poison(monkeypatch, {1})
+    cfg = load_config(DEMO, [*tiny_overrides, "train.iterations=4", "train.nonfinite=skip_step",
+                             "method.name=mean_teacher"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.train_step(Progress(0, 4, 4))  # the first step builds lazy state
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync inside the training step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "cpu"):
+            m.setattr(torch.Tensor, name, forbidden)
+        for k in (1, 2):
+            trainer.train_step(Progress(k, 4, 4))
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
