@@ -358,12 +358,15 @@ class Trainer:
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 finite = flag.bool()
             self.guard.after(self.optimizer, finite)
+            skipped = (~finite).float()
         if tr.schedule == "poly":  # set after step k: steps 0 and 1 both use the base LR (spec 1.5)
             lr = poly_lr(tr.lr, k, tr.iterations, tr.poly_power)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         logs = dict(out.logs)
         logs["loss"] = out.loss.detach()
+        if self.guard is not None:
+            logs["skipped"] = skipped  # on every rank alike (a step skipped on one rank is skipped on all)
         return logs
 
     def evaluate(self, surface: bool = False) -> dict:
@@ -452,7 +455,7 @@ class Trainer:
         With ``skip_step``, the means are over the steps that were not skipped."""
         ok = [torch.isfinite(p["loss"]) for p in pending]
         means: dict[str, torch.Tensor] = {}
-        for k in pending[-1].keys():
+        for k in [k for k in pending[-1] if k != "skipped"]:
             vals = torch.stack([p[k].float() for p in pending if k in p])
             if self.guard is None:
                 means[k] = vals.mean()
@@ -460,20 +463,23 @@ class Trainer:
                 keep = torch.stack([o for o, p in zip(ok, pending) if k in p])
                 means[k] = torch.where(keep, vals, torch.zeros_like(vals)).sum() / keep.sum()
         means["nonfinite_steps"] = (~torch.stack(ok)).sum().float()
+        if self.guard is not None:
+            means["skipped_steps"] = torch.stack([p["skipped"] for p in pending]).sum()
         return dict(zip(means, torch.stack(list(means.values())).tolist()))
 
     def _check_finite(self, values: dict[str, float], pending: list[dict[str, torch.Tensor]]) -> None:
         bad = int(values.pop("nonfinite_steps"))
         if self.guard is not None:
-            values["skipped_steps"] = bad
-            if bad < len(pending):
+            values["skipped_steps"] = int(values["skipped_steps"])
+            if values["skipped_steps"] < len(pending):
                 return
         elif bad == 0:
             return
         self._log({"kind": "train", "iteration": self.iteration, **values})
         first = self.iteration - len(pending) + 1
-        flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
-        first += flags.index(False)
+        if bad:
+            flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
+            first += flags.index(False)
         self._raise_nonfinite(first, all_skipped=self.guard is not None)
 
     def _check_unlogged(self, pending: list[dict[str, torch.Tensor]]) -> None:
