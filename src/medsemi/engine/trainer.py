@@ -462,7 +462,7 @@ class Trainer:
             else:
                 keep = torch.stack([o for o, p in zip(ok, pending) if k in p])
                 means[k] = torch.where(keep, vals, torch.zeros_like(vals)).sum() / keep.sum()
-        means["nonfinite_steps"] = (~torch.stack(ok)).sum().float()
+        means["nonfinite_steps"] = self._over_ranks((~torch.stack(ok)).sum().float())
         if self.guard is not None:
             means["skipped_steps"] = torch.stack([p["skipped"] for p in pending]).sum()
         return dict(zip(means, torch.stack(list(means.values())).tolist()))
@@ -476,16 +476,27 @@ class Trainer:
         elif bad == 0:
             return
         self._log({"kind": "train", "iteration": self.iteration, **values})
+        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=self.guard is not None)
+
+    def _first_nonfinite(self, pending: list[dict[str, torch.Tensor]]) -> int:
+        """The 1-based iteration of the first non-finite loss of the interval on this rank (the interval's
+        first iteration when only another rank had one)."""
+        flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
         first = self.iteration - len(pending) + 1
-        if bad:
-            flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
-            first += flags.index(False)
-        self._raise_nonfinite(first, all_skipped=self.guard is not None)
+        return first + (flags.index(False) if False in flags else 0)
+
+    @staticmethod
+    def _over_ranks(count: torch.Tensor) -> torch.Tensor:
+        """A count summed over ranks, so that every rank stops together (one collective per log interval)."""
+        if ddp.world_size() > 1:
+            dist.all_reduce(count)
+        return count
 
     def _check_unlogged(self, pending: list[dict[str, torch.Tensor]]) -> None:
-        flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()  # rare: a checkpoint is due
-        if not all(flags):
-            self._raise_nonfinite(self.iteration - len(pending) + 1 + flags.index(False), all_skipped=False)
+        bad = ~torch.stack([torch.isfinite(p["loss"]) for p in pending])
+        if self._over_ranks(bad.sum().float()).item() == 0:  # rare: only when a checkpoint is due mid-interval
+            return
+        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=False)
 
     def _raise_nonfinite(self, iteration: int, all_skipped: bool) -> None:
         last = self.run_dir / "checkpoints" / "last.pt"
