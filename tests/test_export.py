@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from medsemi.checkpoints import CheckpointError
 from medsemi.cli import main
 from medsemi.config import config_to_dict, load_config
 from medsemi.data.codecs import CODECS, index_codec
@@ -22,7 +23,6 @@ from medsemi.nets.unet2d import UNet2D
 from medsemi.workflows.export import ExportError, export_checkpoint, export_onnx
 from medsemi.workflows.export_readme import example_code
 from medsemi.workflows.export_spec import mask_lut
-from medsemi.workflows.safe_load import CheckpointError
 
 ort = pytest.importorskip("onnxruntime")
 nib = pytest.importorskip("nibabel")
@@ -311,7 +311,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
             return (print, ("ran code",))
 
     torch.save({"model": {}, "config": {}, "info": {}, "x": Evil()}, tmp_path / "best_test.pt")
-    with pytest.raises(CheckpointError, match="best_test.pt: not a readable medsemi checkpoint"):
+    with pytest.raises(CheckpointError, match="best_test.pt: not a readable checkpoint"):
         export_checkpoint(tmp_path / "best_test.pt", tmp_path / "out")
 
 

@@ -199,7 +199,7 @@ def test_written_layout_decodes_back(kind: str, tmp_path: Path) -> None:
             if kind == "multilabel":
                 folder = tmp_path / f"Domain{d + 1}" / split / "ROIs"
             else:
-                folder = tmp_path / f"Site{d + 1}" / split
+                folder = tmp_path / ("BIDMC", "BMC", "HK", "I2CVB")[d] / split  # the prostate reader's sites
             images = sorted((folder / "image").glob("*.png"))
             masks = sorted((folder / "mask").glob("*.png"))
             assert [p.name for p in images] == [p.name for p in masks]

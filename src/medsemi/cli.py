@@ -21,7 +21,7 @@ def _run_dir(cfg, explicit: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from medsemi import distributed as ddp
     from medsemi.config import load_config
-    from medsemi.engine.trainer import Trainer
+    from medsemi.engine.trainer import NonFiniteLossError, Trainer
     from medsemi.workflows.evaluate_run import evaluate_run
 
     if args.resume:
@@ -39,7 +39,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if ddp.is_main_process():
         print(f"run directory: {run_dir}")
         print(f"data: {trainer.family.info.name} {trainer.family.summary()}")
-    trainer.fit()
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        print(f"medsemi train: error: {err}", file=sys.stderr)
+        return 3
     if not trainer.finished:
         print(f"stopped at iteration {trainer.iteration}; continue with: medsemi train --resume {run_dir}")
         return 130
@@ -54,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medsemi.config import load_config
     from medsemi.evaluation.report import CHECKPOINTS
-    from medsemi.workflows.evaluate_run import evaluate_run
+    from medsemi.workflows.evaluate_run import default_out_dir, evaluate_run
 
     if Path(args.run_dir).is_file():  # one model checkpoint (iter_<k>.pt, an imported one, ...)
         from medsemi.workflows.evaluate_run import evaluate_model_file
@@ -65,7 +69,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
     which = tuple(args.checkpoint) if args.checkpoint else tuple(CHECKPOINTS)
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
-    out = args.out or args.run_dir
+    out = args.out
+    if not out:
+        out, diffs = default_out_dir(args.run_dir, cfg, which)
+        if diffs:
+            print(f"this evaluation differs from training's ({', '.join(diffs)}): writing to {out}; "
+                  f"the run's own report.md is unchanged (--out chooses another folder)", file=sys.stderr)
     evaluate_run(args.run_dir, which=which, device=args.device, cfg=cfg, out_dir=out)
     print((Path(out) / "report.md").read_text())
     return 0
@@ -88,7 +97,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from medsemi.workflows.predict_export import predict_from_export as predict
     else:
         from medsemi.workflows.predict import predict_folder as predict
-    written = predict(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task)
+    written = predict(args.checkpoint, args.input_dir, args.output_dir, device=args.device, task=args.task,
+                      overwrite=args.overwrite)
     print(f"wrote {len(written)} mask(s) to {args.output_dir}")
     return 0
 
@@ -129,13 +139,21 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from medsemi.data.synthetic.images2d import SyntheticConfig, write_fundus_layout
+    from medsemi.data.synthetic.images2d import SyntheticConfig, synth_layout, write_layout
 
-    cfg = SyntheticConfig(kind=args.kind, num_domains=args.domains, size=args.size,
+    domains = args.domains or (4 if args.kind == "multilabel" else 6)
+    size = args.size
+    if size is None:  # the reader's native size: the prostate reader does not resize (384), fundus 256
+        size = 384 if synth_layout(SyntheticConfig(kind=args.kind, num_domains=domains)) == "prostate" else 256
+    cfg = SyntheticConfig(kind=args.kind, num_domains=domains, size=size,
                           train_per_domain=args.train_per_domain, test_per_domain=args.test_per_domain,
                           seed=args.seed)
-    write_fundus_layout(cfg, args.out_dir)
-    print(f"wrote the synthetic {args.kind} dataset to {args.out_dir}")
+    try:
+        layout = write_layout(cfg, args.out_dir, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from None
+    print(f"wrote the synthetic {args.kind} dataset ({domains} domains) in the {layout} layout to "
+          f"{args.out_dir}; train on it with data.format={layout} data.root={args.out_dir}")
     return 0
 
 
@@ -166,9 +184,15 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from medsemi.data.tools.prepare3d import prepare_dataset
 
-    prepare_dataset(args.kind, args.src_dir, args.out_dir)
-    print(f"prepared {args.kind} into {args.out_dir}")
-    return 0
+    foreground = None
+    if args.foreground:
+        try:
+            foreground = tuple(int(v) for v in args.foreground.split(","))
+        except ValueError:
+            raise ValueError(f"--foreground must be label values like 1,2, got {args.foreground!r}") from None
+    report = prepare_dataset(args.kind, args.src_dir, args.out_dir, overwrite=args.overwrite, foreground=foreground)
+    print(report.summary(args.out_dir))
+    return 1 if report.problems else 0
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -215,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory, or one model checkpoint file (iter_<k>.pt, an imported "
                    "checkpoint; its stored config plus the overrides; report in <file>_eval/ unless --out)")
     p.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.bn_adaptation=true eval.hd95=max_directed")
-    p.add_argument("--out", help="where to write report.md / eval.json (default: RUN_DIR)")
+    p.add_argument("--out", help="where to write report.md / eval.json (default: RUN_DIR when the options are "
+                   "training's, else RUN_DIR/evaluations/<what differs>)")
     p.add_argument("--checkpoint", action="append",
                    choices=["best_test", "best_test_stage1", "best_val", "last_student", "last_teacher"],
                    help="which checkpoint(s) (default: all present)")
@@ -229,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (ONNX exports run on the CPU)")
     p.add_argument("--task", type=int, default=None, help="task id for task-prompted 3D models")
+    p.add_argument("--overwrite", action="store_true",
+                   help="allow replacing existing masks in OUTPUT_DIR, or writing inside INPUT_DIR (never an input)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("import-checkpoint", help="convert an original method's checkpoint into a medsemi model "
@@ -239,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment config the model belongs to (default: the paper's VerSemi setting)")
     p.add_argument("overrides", nargs="*", help="dotted overrides of --config")
     p.set_defaults(func=cmd_import_checkpoint)
+
     p = sub.add_parser("export", help="export a model checkpoint to ONNX or TorchScript (+ preprocessing.json)",
                        description="Write OUT_DIR/model.onnx or model.pt, preprocessing.json and a README with "
                        "a runnable example. Example: medsemi export runs/x/checkpoints/best_test.pt exported/")
@@ -266,11 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="dataset tools: synth, check, convert, prepare")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    p = dsub.add_parser("synth", help="write the embedded synthetic dataset in the Fundus (or ProstateSlice) layout")
+    p = dsub.add_parser("synth", help="write the embedded synthetic dataset in the Fundus (or ProstateSlice) layout",
+                        description="Write the synthetic dataset: multilabel with 4 domains in the Fundus layout, "
+                                    "exclusive with up to 6 in the ProstateSlice layout, any other number of "
+                                    "domains in the generic format.")
     p.add_argument("out_dir")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     p.add_argument("--kind", default="multilabel", choices=["multilabel", "exclusive"])
-    p.add_argument("--domains", type=int, default=4)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--domains", type=int, default=None,
+                   help="number of domains (default: 4 for multilabel, the Fundus layout; 6 for exclusive, the "
+                        "ProstateSlice sites); other numbers are written in the generic format")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (default: the reader's native size, 384 for ProstateSlice, else 256)")
     p.add_argument("--train-per-domain", type=int, default=40)
     p.add_argument("--test-per-domain", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -290,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", choices=["pancreas", "la", "spleen", "lung"])
     p.add_argument("src_dir")
     p.add_argument("out_dir")
+    p.add_argument("--foreground", metavar="V[,V...]",
+                   help="label values that are foreground (default: 1; la: any non-zero); e.g. 1,2 merges MSD "
+                        "pancreas tumour (2) into the pancreas")
+    p.add_argument("--overwrite", action="store_true", help="replace cases already prepared in OUT_DIR")
     p.set_defaults(func=cmd_data_prepare)
 
     p = sub.add_parser("methods", help="list the registered methods and their options")
@@ -308,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_compare)
 
     p = sub.add_parser("demo", help="supervised vs UST-RUN on the embedded synthetic data (CPU, a few minutes)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default=None, help="run folder (default: runs/demo, or runs/demo-quick with --quick)")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
     p.set_defaults(func=cmd_demo)
     return parser

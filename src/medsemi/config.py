@@ -96,6 +96,9 @@ class TrainSection:
     checkpoint_every: int = 500
     keep_every: int = 0  # > 0: also keep the student as checkpoints/iter_<k>.pt every keep_every iterations
     log_every: int = 20
+    # a non-finite loss: stop (checked at each log interval, no per-step host sync) | skip_step (that
+    # step's update is masked out on the device; a log interval whose every step was skipped stops)
+    nonfinite: str = "stop"
     deterministic: bool = False
     progress_bar: bool = True
     tensorboard: bool = True

@@ -90,6 +90,16 @@ class MetricPolicy:
                 f"hd95_definition must be 'medpy' or 'max_directed', got {self.hd95_definition!r}"
             )
 
+    def describe(self) -> str:
+        """One sentence for report headers: what empty masks score."""
+
+        def v(x: float | None) -> str:
+            return "skipped" if x is None else f"{x:g}"
+
+        return (f"empty prediction with a non-empty ground truth: Dice 0, HD95/ASD {v(self.empty_pred_distance)}; "
+                f"both empty: Dice {v(self.both_empty_dice)}, HD95/ASD {v(self.both_empty_distance)}; "
+                f"empty ground truth only: HD95/ASD {v(self.empty_gt_distance)}")
+
     @classmethod
     def medpy_legacy(cls) -> MetricPolicy:
         """medpy 0.4.x as in the UST authors' environment: both empty -> dc 0, jc raises (skipped)."""

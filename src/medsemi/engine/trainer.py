@@ -13,7 +13,9 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,18 @@ import torch.distributed as dist
 from torch import nn
 
 from medsemi import distributed as ddp
-from medsemi.checkpoints import load_checkpoint, save_atomic
+from medsemi.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    numpy_rng_from_plain,
+    numpy_rng_to_plain,
+    save_atomic,
+)
 from medsemi.config import Config, ConfigError, config_to_dict, save_config
 from medsemi.data.datasets import Splits
 from medsemi.device import autocast_for, resolve_amp, resolve_channels_last, resolve_device
 from medsemi.engine.ema import ema_update
+from medsemi.engine.step_guard import SkipNonFinite
 from medsemi.families.base import DatasetFamily
 from medsemi.families.images import ImageFamily
 from medsemi.families.select import build_family, data_kind
@@ -55,8 +64,20 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
             params, lr=tr.lr, momentum=tr.momentum, weight_decay=tr.weight_decay, nesterov=tr.nesterov
         )
     if tr.optimizer == "adam":
-        return torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
+        # skip_step on a GPU: the step counter on the device too, so that masking it needs no host sync
+        capturable = tr.nonfinite == "skip_step" and bool(params) and params[0].is_cuda
+        return torch.optim.Adam(params, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay,
+                                capturable=capturable)
     raise ValueError(f"train.optimizer must be sgd or adam, got {tr.optimizer!r}")
+
+
+NONFINITE_MODES = ("stop", "skip_step")
+RUN_FILES = {"config.yaml", "splits.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png"}
+"""What a run writes before its first checkpoint (a directory holding only these may be cleared)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped on a non-finite loss (``train.nonfinite=stop``); the message says where and what next."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -85,12 +106,11 @@ class Trainer:
         """``family``: the dataset, when already built (2D :class:`Splits` are taken as an image family)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if not resume and (self.run_dir / "checkpoints" / "last.pt").exists():
-            raise ConfigError(
-                f"{self.run_dir} already holds a run (checkpoints/last.pt); continue it with "
-                f"`medsemi train --resume {self.run_dir}` or choose another --run-dir"
-            )
+        if cfg.train.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"train.nonfinite must be one of {', '.join(NONFINITE_MODES)}, "
+                              f"got {cfg.train.nonfinite!r}")
         self.rank_device = ddp.init_from_env()
+        self._check_run_dir(resume)
         self.device = self.rank_device or resolve_device(cfg.train.device)
         self.amp = resolve_amp(cfg.train.amp, self.device)
         self.main = ddp.is_main_process()
@@ -150,12 +170,50 @@ class Trainer:
         }
         self._stop = False
         self.writer = None
+        self.last_checkpoint: int | None = None  # iteration of the newest last.pt written or resumed from
+        self.guard = SkipNonFinite(self.method) if cfg.train.nonfinite == "skip_step" else None
         if resume:
-            self._load(self.run_dir / "checkpoints" / "last.pt")
+            self._resume()
         if self.main:
             self._prepare_run_dir(resume)
 
     # ------------------------------------------------------------------ run directory, logs
+    def _check_run_dir(self, resume: bool) -> None:
+        """A new run needs a new (or empty) directory. One left by a run that died before its first
+        checkpoint (only the files a run writes first) is cleared with a message, so that its logs do not
+        mix with the new run's; a directory with a checkpoint or with other files is refused."""
+        ckpt = self.run_dir / "checkpoints"
+        if resume:
+            if not any((ckpt / n).is_file() for n in ("last.pt", "last.prev.pt")):
+                raise ConfigError(
+                    f"{self.run_dir}: no checkpoint to resume from (checkpoints/last.pt is missing; the run stopped "
+                    f"before its first checkpoint); start it again with `medsemi train CONFIG --run-dir "
+                    f"{self.run_dir}`"
+                )
+            return
+        if (ckpt / "last.pt").exists() or (ckpt / "last.prev.pt").exists():
+            raise ConfigError(
+                f"{self.run_dir} already holds a run (checkpoints/last.pt); continue it with "
+                f"`medsemi train --resume {self.run_dir}` or choose another --run-dir"
+            )
+        if not self.run_dir.is_dir() or not any(self.run_dir.iterdir()):
+            return
+        names = {p.name for p in self.run_dir.iterdir()}
+        foreign = sorted(names - RUN_FILES)
+        stale = [p for p in ckpt.iterdir() if not p.name.startswith(".")] if ckpt.is_dir() else []
+        if foreign or stale:
+            raise ConfigError(
+                f"{self.run_dir} is not empty ({', '.join(foreign or [p.name for p in stale])}) and holds no "
+                "resumable run; choose another --run-dir or empty it"
+            )
+        if ddp.is_main_process():
+            print(f"{self.run_dir}: a run stopped there before its first checkpoint; clearing its "
+                  f"{', '.join(sorted(names))} and starting again", file=sys.stderr)
+            for name in names:
+                target = self.run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        ddp.barrier()
+
     def _prepare_run_dir(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -199,7 +257,7 @@ class Trainer:
             "unlabelled": self.unlabelled.state_dict() if self.unlabelled else None,
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": numpy_rng_to_plain(np.random.get_state()),
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
@@ -209,8 +267,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
+        """``last.pt``; the one it replaces is kept as ``last.prev.pt`` (the resume fallback)."""
         if self.main:
-            save_atomic(self._state(), self.run_dir / "checkpoints" / "last.pt")
+            ckpt = self.run_dir / "checkpoints"
+            save_atomic(self._state(), ckpt / "last.pt", keep_previous=ckpt / "last.prev.pt")
+        self.last_checkpoint = self.iteration
 
     def _save_model(self, name: str, score: float | None) -> None:
         if self.main:
@@ -218,12 +279,31 @@ class Trainer:
                 {
                     "model": unwrap(self.student).state_dict(),
                     "iteration": self.iteration,
-                    "score": score,
+                    "score": float(score),
                     "config": config_to_dict(self.cfg),
                     "info": dataset_info_dict(self.family),
                 },
                 self.run_dir / "checkpoints" / name,
             )
+
+    def _resume(self) -> None:
+        """Load ``last.pt``; when it is unreadable, fall back to ``last.prev.pt`` with a message."""
+        ckpt = self.run_dir / "checkpoints"
+        try:
+            self._load(ckpt / "last.pt")
+            return
+        except (CheckpointError, FileNotFoundError) as err:
+            if not (ckpt / "last.prev.pt").is_file():
+                raise CheckpointError(f"{err}; no checkpoints/last.prev.pt to fall back to, so this run cannot be "
+                                      "resumed: start a new one with another --run-dir") from None
+            problem = err
+        try:
+            self._load(ckpt / "last.prev.pt")
+        except CheckpointError as err:
+            raise CheckpointError(f"{problem}; the fallback failed too: {err}") from None
+        if self.main:
+            print(f"{problem}\nresuming from the previous checkpoint {ckpt / 'last.prev.pt'} "
+                  f"(iteration {self.iteration}) instead", file=sys.stderr)
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path, map_location=self.device)
@@ -236,12 +316,13 @@ class Trainer:
             self.unlabelled.load_state_dict(state["unlabelled"])
         rng = state["rng"]
         random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(numpy_rng_from_plain(rng["numpy"]))
         torch.set_rng_state(rng["torch"].cpu())
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
         self.best = state["best"]
         self.iteration = int(state["iteration"])
+        self.last_checkpoint = self.iteration
 
     # ------------------------------------------------------------------ the loop
     def _request_stop(self, signum: int, frame: Any) -> None:
@@ -276,6 +357,8 @@ class Trainer:
         labelled = self.labelled.next()
         draw = self.unlabelled is not None and self.method.uses_unlabelled_at(progress)
         unlabelled = self.unlabelled.next() if draw else None
+        if self.guard is not None:
+            self.guard.before(self.optimizer)
         with autocast_for(self.device, self.amp):
             out = self.method.train_step(labelled, unlabelled, progress)
         self.optimizer.zero_grad(set_to_none=True)
@@ -287,12 +370,22 @@ class Trainer:
         if self.method.teacher is not None:
             ema_update(self.method.teacher, unwrap(self.method.student), ema_alpha(k, tr.ema_decay),
                        buffers=not self.method.teacher_keeps_own_bn_stats)
+        if self.guard is not None:  # a non-finite loss: undo this step on the device (no host sync)
+            finite = torch.isfinite(out.loss.detach())
+            if ddp.world_size() > 1:  # every rank skips when one does (the gradients were averaged)
+                flag = finite.to(torch.int32)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                finite = flag.bool()
+            self.guard.after(self.optimizer, finite)
+            skipped = (~finite).float()
         if tr.schedule == "poly":  # set after step k: steps 0 and 1 both use the base LR (spec 1.5)
             lr = poly_lr(tr.lr, k, tr.iterations, tr.poly_power)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         logs = dict(out.logs)
         logs["loss"] = out.loss.detach()
+        if self.guard is not None:
+            logs["skipped"] = skipped  # on every rank alike (a step skipped on one rank is skipped on all)
         return logs
 
     def evaluate(self, surface: bool = False) -> dict:
@@ -352,9 +445,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if len(pending) >= tr.log_every or self.iteration == tr.iterations:
-                    keys = pending[-1].keys()
-                    means = {k: torch.stack([p[k].float() for p in pending if k in p]).mean() for k in keys}
-                    values = dict(zip(means, torch.stack(list(means.values())).tolist()))  # one sync
+                    values = self._interval_means(pending)  # one sync; non-finite losses counted in it
+                    self._check_finite(values, pending)
                     elapsed = time.perf_counter() - tic
                     values["it_per_s"] = len(pending) / max(elapsed, 1e-9)
                     values["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -363,15 +455,19 @@ class Trainer:
                         shown = {k: v for k, v in values.items() if k == "loss" or k.startswith("loss_")}
                         bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()})  # tqdm shows it/s itself
                     pending, tic = [], time.perf_counter()
-                if self.iteration % tr.eval_every == 0 or self.iteration == tr.iterations:
+                at_eval = self.iteration % tr.eval_every == 0 or self.iteration == tr.iterations
+                at_ckpt = self.iteration % tr.checkpoint_every == 0 or self.iteration == tr.iterations
+                if (at_eval or at_ckpt) and pending and self.guard is None:
+                    self._check_unlogged(pending)  # never save a model from a step with a non-finite loss
+                if at_eval:
                     self._periodic_eval()
-                if self.iteration % tr.checkpoint_every == 0 or self.iteration == tr.iterations:
+                if at_ckpt:
                     self.save_checkpoint()
                 if tr.keep_every > 0 and self.iteration % tr.keep_every == 0:  # numbered model checkpoints
                     self._save_model(f"iter_{self.iteration}.pt", None)
                 if stop_after is not None and steps_done >= stop_after:
                     self._stop = True
-            if self._stop and self.iteration < tr.iterations:
+            if self._stop and self.iteration < tr.iterations and self.last_checkpoint != self.iteration:
                 self.save_checkpoint()
         finally:
             if bar is not None:
@@ -380,6 +476,66 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.flush()
+
+    def _interval_means(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Mean of each logged value over a log interval, plus ``nonfinite_steps``, in one host sync.
+        With ``skip_step``, the means are over the steps that were not skipped."""
+        ok = [torch.isfinite(p["loss"]) for p in pending]
+        means: dict[str, torch.Tensor] = {}
+        for k in [k for k in pending[-1] if k != "skipped"]:
+            vals = torch.stack([p[k].float() for p in pending if k in p])
+            if self.guard is None:
+                means[k] = vals.mean()
+            else:
+                keep = torch.stack([o for o, p in zip(ok, pending) if k in p])
+                means[k] = torch.where(keep, vals, torch.zeros_like(vals)).sum() / keep.sum()
+        means["nonfinite_steps"] = self._over_ranks((~torch.stack(ok)).sum().float())
+        if self.guard is not None:
+            means["skipped_steps"] = torch.stack([p["skipped"] for p in pending]).sum()
+        return dict(zip(means, torch.stack(list(means.values())).tolist()))
+
+    def _check_finite(self, values: dict[str, float], pending: list[dict[str, torch.Tensor]]) -> None:
+        bad = int(values.pop("nonfinite_steps"))
+        if self.guard is not None:
+            values["skipped_steps"] = int(values["skipped_steps"])
+            if values["skipped_steps"] < len(pending):
+                return
+        elif bad == 0:
+            return
+        self._log({"kind": "train", "iteration": self.iteration, **values})
+        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=self.guard is not None)
+
+    def _first_nonfinite(self, pending: list[dict[str, torch.Tensor]]) -> int:
+        """The 1-based iteration of the first non-finite loss of the interval on this rank (the interval's
+        first iteration when only another rank had one)."""
+        flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
+        first = self.iteration - len(pending) + 1
+        return first + (flags.index(False) if False in flags else 0)
+
+    @staticmethod
+    def _over_ranks(count: torch.Tensor) -> torch.Tensor:
+        """A count summed over ranks, so that every rank stops together (one collective per log interval)."""
+        if ddp.world_size() > 1:
+            dist.all_reduce(count)
+        return count
+
+    def _check_unlogged(self, pending: list[dict[str, torch.Tensor]]) -> None:
+        bad = ~torch.stack([torch.isfinite(p["loss"]) for p in pending])
+        if self._over_ranks(bad.sum().float()).item() == 0:  # rare: only when a checkpoint is due mid-interval
+            return
+        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=False)
+
+    def _raise_nonfinite(self, iteration: int, all_skipped: bool) -> None:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        good = (f"the last good checkpoint is {last} (iteration {self.last_checkpoint}); continue from it with "
+                f"`medsemi train --resume {self.run_dir} train.lr=<lower>`" if self.last_checkpoint is not None
+                else "no checkpoint was written before it")
+        what = (f"every step from iteration {iteration} to {self.iteration} had a non-finite loss and was skipped"
+                if all_skipped else f"the loss became non-finite (NaN or inf) at iteration {iteration}")
+        raise NonFiniteLossError(
+            f"{self.run_dir}: {what}; training stopped ({good}). Lower train.lr, check the data, or set "
+            "train.nonfinite=skip_step to skip such steps"
+        )
 
     @property
     def finished(self) -> bool:

@@ -14,7 +14,7 @@ from torch import nn
 from medsemi.config import Config
 from medsemi.data.contract import LabelSpec
 from medsemi.evaluation.evaluate import overlay, predict_labels
-from medsemi.metrics import format_table
+from medsemi.metrics import MetricPolicy, format_table, policy_from_eval
 
 CHECKPOINTS = {
     "best_test": ("best_test.pt", "student selected on the test set every eval (the papers' protocol; "
@@ -88,6 +88,17 @@ def _fmt(value: float) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _policy(cfg: Config, family: Any) -> MetricPolicy:
+    """The empty-mask rule the family scored with (VerSemi's own for 3D volumes, else the eval section)."""
+    return family.metric_policy(cfg) if hasattr(family, "metric_policy") else policy_from_eval(cfg.eval)
+
+
+def _policy_name(cfg: Config, family: Any) -> str:
+    if _policy(cfg, family) == MetricPolicy.versemi():
+        return "VerSemi's rule, data.options.metric_policy=versemi; the original's calculate_metric_percase"
+    return "the eval section's rule"
+
+
 def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
     """``report.md`` of an evaluated run; ``splits`` is the dataset family (``info``, ``summary()``)."""
     tasks = splits.info.extra.get("tasks")  # multi-task volume data has tasks, not a labelled domain
@@ -99,6 +110,7 @@ def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
         ("Metrics per case and class, averaged per task, then macro over tasks (HD95/ASD in voxels; "
          "policies in the README)." if tasks else "Metrics per image and class, averaged per domain, then "
          "macro over domains (HD95/ASD in pixels; policies in the README)."),
+        f"Empty masks ({_policy_name(cfg, splits)}): {_policy(cfg, splits).describe()}.",
         *(["**BatchNorm statistics re-estimated per test domain on its unlabelled training images "
            "(eval.bn_adaptation, AdaBN; not the papers' protocol).**"] if cfg.eval.bn_adaptation else []),
         "",

@@ -12,6 +12,11 @@ section nor the command's ``method.*`` overrides (those belong to the config's o
 Its per-task results are merged into one row: per-task metrics from each task's run, the mean over the
 tasks as for a multi-task run. The table then has a column per task and metric (Dice, Jaccard, HD95,
 ASD) and the mean over tasks.
+
+Runs are resumable: a run folder of ``--out`` that already holds a finished (``eval.json``) or interrupted
+(``checkpoints/last.pt``) run is reused only when its resolved ``config.yaml`` equals the requested one;
+otherwise the command stops before training anything and says which settings differ. Every entry of
+``--methods`` (name and options) is checked first, too.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import medsemi
-from medsemi.config import Config, apply_overrides, config_from_dict, load_config, read_raw_config
+from medsemi.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, read_raw_config
 from medsemi.data.volumes.cases import TASK_NAMES
 from medsemi.families.volumes import VOLUME_FORMATS
 from medsemi.workflows.references import load_references, render_references
@@ -72,20 +77,19 @@ def config_for_method(config: str | Path, method: str, overrides: list[str]) -> 
     return config_from_dict(apply_overrides(raw, [*overrides, *method_overrides(method)]))
 
 
+def run_folder(method: str, task: str, seed: int) -> str:
+    """The run folder of one entry, task and seed inside ``--out``."""
+    return f"{run_label(method)}-{task}-seed{seed}" if task else f"{run_label(method)}-seed{seed}"
+
+
 def run_label(method: str) -> str:
     """A file-name-safe label for a method entry (variants keep their options readable)."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in method)
 
 
-def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str],
-                       task: str = "") -> dict:
-    """Train one method with one seed (on one task when ``task`` is given, see the module docstring) and
-    evaluate its checkpoints; a finished run directory is reused."""
-    from medsemi.engine.trainer import Trainer
-    from medsemi.workflows.evaluate_run import evaluate_run
-
-    if (run_dir / "eval.json").exists():  # finished earlier: reuse (compare runs are resumable)
-        return json.loads((run_dir / "eval.json").read_text())
+def run_config(config: Path, method: str, seed: int, overrides: list[str], task: str = "") -> Config:
+    """The resolved config of one run, on one task when ``task`` is given (see the module docstring); raises
+    a clear error for an unknown method or option."""
     if task:
         base = load_config(config, overrides)
         model = ["model.name=vnet"] if base.model.name == "versemi_vnet" else []
@@ -96,9 +100,53 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
     else:
         cfg = config_for_method(config, method, [*overrides, f"seed={seed}"])
         cfg.name = f"{cfg.name}-{run_label(method)}-s{seed}"
+    return cfg
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_reusable(run_dir: Path, cfg: Config) -> None:
+    """Refuse a run folder whose finished or interrupted run was made with other settings."""
+    has_run = (run_dir / "eval.json").exists() or (run_dir / "checkpoints" / "last.pt").exists()
+    if not has_run:
+        return
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} holds a run without config.yaml, so it cannot be reused; choose another "
+                         "--out or delete that folder")
+    old = _flat(config_to_dict(load_config(run_dir / "config.yaml")))
+    new = _flat(config_to_dict(cfg))
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diffs:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise ValueError(f"{run_dir} holds a run made with other settings ({shown}); nothing was trained: choose "
+                         "another --out, or delete that folder to train it again")
+
+
+def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, overrides: list[str],
+                       task: str = "") -> dict:
+    """Train one method with one seed (on one task when ``task`` is given) and evaluate its checkpoints; a
+    finished run directory with the same resolved config is reused."""
+    from medsemi.engine.trainer import NonFiniteLossError, Trainer
+    from medsemi.workflows.evaluate_run import evaluate_run
+
+    cfg = run_config(config, method, seed, overrides, task)
+    check_reusable(run_dir, cfg)
+    if (run_dir / "eval.json").exists():  # finished earlier with the same settings: reuse
+        return json.loads((run_dir / "eval.json").read_text())
     resume = (run_dir / "checkpoints" / "last.pt").exists()
     trainer = Trainer(cfg, run_dir, resume=resume)
-    trainer.fit()
+    try:
+        trainer.fit()
+    except NonFiniteLossError as err:
+        raise SystemExit(f"medsemi: error: {err}") from None
     if not trainer.finished:  # interrupted (Ctrl-C / SIGTERM): the checkpoint is written, stop here
         raise SystemExit(f"interrupted in {run_dir}; run the same command again to resume")
     return evaluate_run(run_dir, cfg=cfg, family=trainer.family, device=str(trainer.device))
@@ -242,18 +290,23 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     out.mkdir(parents=True, exist_ok=True)
     overrides = list(overrides or [])
     base = load_config(config, overrides)
-    results: dict[str, list[dict]] = {m: [] for m in methods}
     base_task = str((base.data.options or {}).get("task", "") or "")
+    for method in methods:  # every name, option and reusable run checked before anything trains
+        for seed in range(seeds):
+            for task in method_tasks(method, base.data.format, base_task):
+                check_reusable(out / run_folder(method, task, seed),
+                               run_config(config, method, base.seed + seed, overrides, task))
+    results: dict[str, list[dict]] = {m: [] for m in methods}
     for method in methods:
         tasks = method_tasks(method, base.data.format, base_task)
         for seed in range(seeds):
             if tasks == [""]:
-                run_dir = out / f"{run_label(method)}-seed{seed}"
+                run_dir = out / run_folder(method, "", seed)
                 results[method].append(train_and_evaluate(config, method, base.seed + seed, run_dir, overrides))
                 continue
             per_task = {
-                task: train_and_evaluate(config, method, base.seed + seed,
-                                         out / f"{run_label(method)}-{task}-seed{seed}", overrides, task)
+                task: train_and_evaluate(config, method, base.seed + seed, out / run_folder(method, task, seed),
+                                         overrides, task)
                 for task in tasks
             }
             results[method].append(merge_tasks(per_task))
@@ -284,8 +337,10 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     return {"rows": rows, "results": results}
 
 
-def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
-    """Supervised vs UST-RUN on the embedded synthetic data; prints the per-domain tables and the gain."""
+def run_demo(out: str | Path | None = None, quick: bool = False) -> dict:
+    """Supervised vs UST-RUN on the embedded synthetic data; prints the per-domain tables and the gain.
+    Default folder: ``runs/demo`` (``runs/demo-quick`` with ``quick``, so the two never mix)."""
+    out = out or ("runs/demo-quick" if quick else "runs/demo")
     from medsemi.methods.registry import available_methods
 
     methods = [m for m in ("supervised", "ustrun") if m in available_methods()]

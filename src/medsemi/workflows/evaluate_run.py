@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from medsemi.checkpoints import load_checkpoint
-from medsemi.config import Config, apply_overrides, config_from_dict, load_config
+from medsemi.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
 from medsemi.data.contract import DatasetInfo
 from medsemi.device import resolve_device
 from medsemi.evaluation.report import CHECKPOINTS, plot_curves, render_report
@@ -44,6 +46,37 @@ def load_network(
     return model, iteration
 
 
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def differences_from_training(run_dir: str | Path, cfg: Config, which: tuple[str, ...]) -> list[str]:
+    """What makes this evaluation differ from the one training wrote (``eval.bn_adaptation=True``,
+    a subset of checkpoints, ...); empty when it is the same evaluation."""
+    trained = _flat(config_to_dict(load_config(Path(run_dir) / "config.yaml")))
+    now = _flat(config_to_dict(cfg))
+    diffs = [f"{k}={now.get(k)}" for k in sorted(set(trained) | set(now)) if trained.get(k) != now.get(k)]
+    if set(which) != set(CHECKPOINTS):
+        diffs.insert(0, "+".join(which))
+    return diffs
+
+
+def default_out_dir(run_dir: str | Path, cfg: Config, which: tuple[str, ...]) -> tuple[Path, list[str]]:
+    """Where ``medsemi evaluate`` writes without ``--out``: the run directory for the evaluation training
+    did, else ``RUN_DIR/evaluations/<what differs>/`` so that the run's own report is never replaced."""
+    diffs = differences_from_training(run_dir, cfg, which)
+    if not diffs:
+        return Path(run_dir), []
+    label = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", ",".join(diffs)).strip("-")[:120]
+    return Path(run_dir) / "evaluations" / label, diffs
+
+
 def evaluate_run(
     run_dir: str | Path,
     which: tuple[str, ...] = tuple(CHECKPOINTS),
@@ -74,7 +107,9 @@ def evaluate_run(
             family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
-    plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
+    curves = plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
+    if curves is not None and out.resolve() != run_dir.resolve():
+        shutil.copyfile(curves, out / "curves.png")  # report.md links it beside itself
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
     (out / "report.md").write_text(render_report(cfg, results, family))
     return results

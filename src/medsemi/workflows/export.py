@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from medsemi.checkpoints import load_model_checkpoint
 from medsemi.config import config_from_dict
 from medsemi.workflows.export_readme import readme_text
 from medsemi.workflows.export_spec import FORMAT_VERSION, INPUT_NAME, OUTPUT_NAME, spec_2d, spec_3d
-from medsemi.workflows.safe_load import load_model_checkpoint
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
 OPSET = 17

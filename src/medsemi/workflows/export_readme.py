@@ -16,7 +16,11 @@ RUNNERS = {
 def example_2d(fmt: str, spec: dict[str, Any]) -> str:
     """Image file -> mask file in the dataset's encoding (``python example.py IMAGE MASK.png`` in OUT_DIR)."""
     imp, run = RUNNERS[fmt]
-    resample = "LANCZOS" if spec["input"]["resize"]["filter"] == "lanczos" else "BILINEAR"
+    resample = spec["input"]["resize"]["filter"].upper()
+    if spec["input"]["intensity"].get("normalization") == "minmax":
+        normalise = "x = np.asarray(img, np.float32); x = (x - x.min()) / max(x.max() - x.min(), 1e-12) * 2 - 1"
+    else:
+        normalise = "x = np.asarray(img, np.float32) / 127.5 - 1.0"
     if spec["labels"]["kind"] == "multilabel":
         decide = "code = ((logits >= 0) * 2 ** np.arange(len(logits))[:, None, None]).sum(0)"
     else:
@@ -31,7 +35,7 @@ def example_2d(fmt: str, spec: dict[str, Any]) -> str:
         run,
         'src = Image.open(sys.argv[1]).convert(spec["input"]["colour"])',
         f'img = src.resize(spec["input"]["size"][::-1], Image.Resampling.{resample})',
-        "x = np.asarray(img, np.float32) / 127.5 - 1.0",
+        normalise,
         "x = (x[None] if x.ndim == 2 else x.transpose(2, 0, 1))[None]",
         "logits = run(x)[0]",
         "up = lambda c: np.asarray(Image.fromarray(c).resize(src.size, Image.Resampling.BILINEAR))",

@@ -1,8 +1,9 @@
 """``preprocessing.json`` of an export: how to turn an image file into the network's input and its
 output into a mask, written so that a program without medsemi can follow it.
 
-2D (the readers of ``data/``): RGB or grey, resized to the training patch (Lanczos for RGB, bilinear for
-grey), intensities ``v / 127.5 - 1`` (range [-1, 1]), layout (N, C, H, W). 3D (VerSemi, spec versemi.md
+2D (the readers of ``data/``): RGB or grey, resized to the training patch with the dataset's filter
+(Lanczos for RGB, bilinear for grey unless the dataset says otherwise), intensities ``v / 127.5 - 1`` or,
+for a generic dataset with ``normalization: minmax``, per image to [-1, 1]; layout (N, C, H, W). 3D (VerSemi, spec versemi.md
 1.4 and 4.2): the volume's axes as nibabel returns them, the task's training recipe (resampling, HU clip +
 min-max or z-score), a sliding window of the training crop with the run's strides, softmax probabilities
 averaged, argmax (ties -> background), optional largest connected component.
@@ -69,15 +70,22 @@ def label_section(spec: LabelSpec) -> dict[str, Any]:
 def spec_2d(info: DatasetInfo, codec: MaskCodec) -> dict[str, Any]:
     size = [int(s) for s in info.patch_size[-2:]]
     rgb = info.in_channels == 3
+    resample = info.extra.get("image_resample") or ("lanczos" if rgb else "bilinear")
+    if info.extra.get("normalization") == "minmax":
+        intensity = {"normalization": "minmax", "formula": "(x - x.min()) / (x.max() - x.min()) * 2 - 1, per image",
+                     "range": [-1.0, 1.0]}
+    else:
+        intensity = {"normalization": "uint8", "formula": "x / 127.5 - 1", "scale": 1 / 127.5, "offset": -1.0,
+                     "range": [-1.0, 1.0]}
     return {
         "dims": 2,
         "input": {
             "name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": info.in_channels,
             "colour": "RGB" if rgb else "L", "size": size,
-            "resize": {"to": size, "filter": "lanczos" if rgb else "bilinear",
+            "resize": {"to": size, "filter": resample,
                        "note": "training resized every image to the patch size; do the same"},
             "dynamic_axes": ["batch", "height", "width"], "size_multiple": SIZE_MULTIPLE_2D,
-            "intensity": {"formula": "x / 127.5 - 1", "scale": 1 / 127.5, "offset": -1.0, "range": [-1.0, 1.0]},
+            "intensity": intensity,
         },
         "output": {
             "name": OUTPUT_NAME, "layout": "NCHW", "channels": info.label_spec.num_outputs,

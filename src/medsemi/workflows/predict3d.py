@@ -25,6 +25,7 @@ import torch
 
 from medsemi.config import Config
 from medsemi.data.contract import DatasetInfo
+from medsemi.workflows.output_plan import plan_outputs
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -125,15 +126,17 @@ def sliding_options(info: DatasetInfo, cfg: Config) -> dict[str, Any]:
 
 def predict_volumes(
     state: dict, cfg: Config, info: DatasetInfo, input_dir: str | Path, output_dir: str | Path,
-    device: str = "auto", task: int | None = None,
+    device: str = "auto", task: int | None = None, overwrite: bool = False,
 ) -> list[Path]:
-    """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``."""
+    """Segment every NIfTI volume of ``input_dir`` for ``task``; write uint8 masks to ``output_dir``
+    (no input and, without ``overwrite``, no existing file replaced: :mod:`medsemi.workflows.output_plan`)."""
     from medsemi.device import resolve_device
     from medsemi.evaluation.volumes import predict_volume
     from medsemi.nets.build import build_model
 
     task_id = resolve_task(info, task)
-    list_nifti(input_dir)  # a missing or empty folder is reported before the model is built
+    files = list_nifti(input_dir)  # a missing or empty folder is reported before the model is built
+    plan_outputs(files, input_dir, output_dir, _target_stem, ".nii.gz", overwrite)  # and unsafe outputs too
     dev = resolve_device(device)
     model = build_model(cfg.model, info).to(dev)
     model.load_state_dict(state["model"])
@@ -141,26 +144,30 @@ def predict_volumes(
     recipe = info.extra.get("preprocessing", {}).get(str(task_id))
     options = sliding_options(info, cfg)
     return segment_volumes(lambda image: predict_volume(model, image, task_id, cfg, options, dev), recipe,
-                           input_dir, output_dir)
+                           input_dir, output_dir, overwrite)
+
+
+def _target_stem(path: Path) -> str:
+    return _stem(path) or path.stem
 
 
 def segment_volumes(predict_mask: Callable[[np.ndarray], np.ndarray], recipe: dict[str, Any] | None,
-                    input_dir: str | Path, output_dir: str | Path) -> list[Path]:
-    """Every NIfTI of ``input_dir``: recipe -> ``predict_mask`` -> back to the input grid -> ``<stem>.nii.gz``."""
+                    input_dir: str | Path, output_dir: str | Path, overwrite: bool = False) -> list[Path]:
+    """Every NIfTI of ``input_dir``: recipe -> ``predict_mask`` -> back to the input grid -> ``<stem>.nii.gz``
+    (``overwrite``: see :func:`predict_volumes`)."""
     import nibabel as nib
 
     from medsemi.data.volumes.nifti import load_nifti
     from medsemi.evaluation.sliding3d import save_prediction_nifti
 
     files = list_nifti(input_dir)
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = plan_outputs(files, input_dir, output_dir, _target_stem, ".nii.gz", overwrite)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     written = []
     with torch.no_grad():
-        for path in files:
+        for path, target in zip(files, targets):
             vol = load_nifti(path)
             image = preprocess(vol.data, vol.spacing, recipe, source=str(path))
             mask = back_to_shape(predict_mask(image), vol.data.shape)
-            target = out_dir / f"{_stem(path)}.nii.gz"
             written.append(save_prediction_nifti(mask, nib.load(str(path)), target))
     return written

@@ -71,8 +71,9 @@ def load_exported(folder: Path, spec: dict[str, Any], device: str = "auto") -> t
 
 
 def predict_from_export(folder: str | Path, input_dir: str | Path, output_dir: str | Path,
-                        device: str = "auto", task: int | None = None) -> list[Path]:
-    """Masks for every image/volume of ``input_dir``, as ``medsemi predict`` writes them from a checkpoint."""
+                        device: str = "auto", task: int | None = None, overwrite: bool = False) -> list[Path]:
+    """Masks for every image/volume of ``input_dir``, as ``medsemi predict`` writes them from a checkpoint
+    (``overwrite``: replace existing masks; an input is never replaced)."""
     folder, spec = open_export(folder, task)
     net, dev = load_exported(folder, spec, device)
     labels = LabelSpec(spec["labels"]["kind"], tuple(spec["labels"]["class_names"]))
@@ -80,8 +81,10 @@ def predict_from_export(folder: str | Path, input_dir: str | Path, output_dir: s
         from medsemi.workflows.predict import segment_images
 
         codec = codec_from_spec(spec["mask_encoding"], labels)
-        return segment_images(net, dev, labels, codec, spec["input"]["channels"], spec["input"]["size"][-1],
-                              input_dir, output_dir)
+        inp = spec["input"]
+        return segment_images(net, dev, labels, codec, inp["channels"], inp["size"][-1], input_dir, output_dir,
+                              normalization=inp["intensity"].get("normalization"),
+                              resample=inp["resize"]["filter"], overwrite=overwrite)
     from medsemi.evaluation.sliding3d import sliding_window_predict
     from medsemi.workflows.predict3d import segment_volumes
 
@@ -92,4 +95,4 @@ def predict_from_export(folder: str | Path, input_dir: str | Path, output_dir: s
                                       lcc=bool(sw["largest_connected_component"]),
                                       sw_batch_size=int(sw["sw_batch_size"]), device=dev)
 
-    return segment_volumes(predict_mask, spec["input"]["recipe"], input_dir, output_dir)
+    return segment_volumes(predict_mask, spec["input"]["recipe"], input_dir, output_dir, overwrite)

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from medsemi.workflows.safe_load import CheckpointError, load_weights_only
+from medsemi.checkpoints import CheckpointError, load_checkpoint
 
 MAX_DEPTH = 4  # runs/compare/<method>/<seed> nests run directories
 
@@ -94,7 +94,7 @@ def summarise_run(run_dir: Path, root: Path) -> RunSummary:
     state: dict | None = None
     if last_pt.is_file():
         try:
-            state = load_weights_only(last_pt, mmap=True)
+            state = load_checkpoint(last_pt, mmap=True)
         except CheckpointError as err:
             note = str(err)
     iteration = int(state["iteration"]) if state and "iteration" in state else None

@@ -425,6 +425,7 @@ class GenericFormat(Format2D):
             raise DataFormatError(f"{self.root / 'dataset.json'}: no patch_size; pass one")
         extra = self.settings(int(size[0]))
         extra.update(self.meta.get("settings", {}))
+        extra["normalization"] = self.normalization  # predict reads new images the same way
         return DatasetInfo(
             self.name, self.num_channels, self.codec.label_spec, self.domains, tuple(size), extra=extra
         )

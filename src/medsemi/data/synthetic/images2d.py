@@ -633,18 +633,102 @@ def build_synthetic_splits(cfg: SyntheticConfig, lb_domain: int, lb_num: int, va
     return Splits(info, labelled, _concat(unlabelled), test, validation)
 
 
+PROSTATE_SITES = ("BIDMC", "BMC", "HK", "I2CVB", "RUNMC", "UCL")
+"""The ProstateSlice site folders, in the prostate reader's order (``data/formats/prostate.py``)."""
+
+
+def synth_layout(cfg: SyntheticConfig) -> str:
+    """The reader that :func:`write_layout` writes for: ``fundus`` (multi-label, 4 domains), ``prostate``
+    (exclusive, 6 domains: the reader wants every site) or ``generic`` (any other number of domains)."""
+    if cfg.kind == "multilabel":
+        return "fundus" if cfg.num_domains == 4 else "generic"
+    return "prostate" if cfg.num_domains == len(PROSTATE_SITES) else "generic"
+
+
+def write_layout(cfg: SyntheticConfig, out_dir: str | Path, overwrite: bool = False) -> str:
+    """Write the dataset where a reader finds it; returns that reader's ``data.format``
+    (:func:`synth_layout`). A folder that is not empty is refused unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} is not empty; choose an empty or new folder, or pass --overwrite to write "
+                              "the synthetic images over what is there")
+    layout = synth_layout(cfg)
+    if layout == "generic":
+        write_generic_layout(cfg, out)
+    else:
+        write_fundus_layout(cfg, out)
+    return layout
+
+
+def write_generic_layout(cfg: SyntheticConfig, out_dir: str | Path) -> None:
+    """The generic format (``data/formats/generic.py``): ``imagesTr/domainN_<stem>_0000.png``, labels as
+    class indices (exclusive) or the multi-label bit code (cup = 1, disc = 2, so cup pixels hold 3), one
+    domain per synthetic domain; no ``splits.json``, so ``data.lb_domain`` applies the papers' rule."""
+    import json
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    multilabel = cfg.kind == "multilabel"
+    spec = (FUNDUS if multilabel else PROSTATE).label_spec
+    if multilabel:
+        labels: dict[str, Any] = {"background": 0}
+        labels.update({name: [v for v in range(1, 2 ** len(spec.class_names)) if v >> c & 1]
+                       for c, name in enumerate(spec.class_names)})
+    else:
+        labels = {name: i for i, name in enumerate(spec.class_names)}
+    domains: dict[str, str] = {}
+    for d in range(cfg.num_domains):
+        for split, (img_dir, lab_dir) in (("train", ("imagesTr", "labelsTr")), ("test", ("imagesTs", "labelsTs"))):
+            (out / img_dir).mkdir(parents=True, exist_ok=True)
+            (out / lab_dir).mkdir(parents=True, exist_ok=True)
+            images, labs = generate_domain_uint8(cfg, d, split)
+            for img, lab, stem in zip(images, labs, sample_names(cfg, d, split)):
+                case = f"domain{d + 1}_{stem}" if split == "train" else f"domain{d + 1}_test_{stem}"
+                domains[case] = f"domain{d + 1}"
+                if multilabel:
+                    Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), mode="RGB").save(
+                        out / img_dir / f"{case}_0000.png")
+                    code = sum((lab[c] > 0).astype(np.uint8) << c for c in range(lab.shape[0]))
+                else:
+                    Image.fromarray(img[0], mode="L").save(out / img_dir / f"{case}_0000.png")
+                    code = lab.astype(np.uint8)
+                Image.fromarray(np.asarray(code, dtype=np.uint8), mode="L").save(out / lab_dir / f"{case}.png")
+    meta = {
+        "name": "synthetic",
+        "channel_names": {"0": "R", "1": "G", "2": "B"} if multilabel else {"0": "grey"},
+        "labels": labels,
+        "file_ending": ".png",
+        "numTraining": sum(cfg.train_counts()),
+        "domain_names": [f"domain{d + 1}" for d in range(cfg.num_domains)],
+        "domains": domains,
+        "patch_size": [cfg.size, cfg.size],
+        "resize": True,
+        "image_resample": "lanczos" if multilabel else "bilinear",
+        "normalization": "uint8",
+        "source": {"format": "synthetic", "kind": cfg.kind, "seed": cfg.seed},
+    }
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+
+
 def write_fundus_layout(cfg: SyntheticConfig, out_dir: str | Path) -> None:
     """Write the dataset in an on-disk layout of spec 2 (``medsemi data synth OUT_DIR``).
 
     ``multilabel``: the Fundus layout of spec 2.1, ``DomainN/{train,test}/ROIs/{image,mask}/*.png``, RGB
     images, grey masks 0 = cup / 128 = rim / 255 = background (``FUNDUS`` codec).
-    ``exclusive``: the ProstateSlice layout of spec 2.2, ``SiteN/{train,test}/{image,mask}/CC_SS.png``,
-    grey images, masks 0 = organ / 255 = background (``PROSTATE`` codec).
+    ``exclusive``: the ProstateSlice layout of spec 2.2, ``<site>/{train,test}/{image,mask}/CC_SS.png`` with
+    the prostate reader's site names (``BIDMC``, ``BMC``, ... for domains 1, 2, ...; six are needed for the
+    reader, which wants every site; fewer are written for tests), grey
+    images, masks 0 = organ / 255 = background (``PROSTATE`` codec).
     """
     from PIL import Image
 
+    if cfg.kind == "exclusive" and cfg.num_domains > len(PROSTATE_SITES):
+        raise ValueError(f"the ProstateSlice layout has {len(PROSTATE_SITES)} sites, not {cfg.num_domains}; "
+                         "use write_generic_layout")
     out = Path(out_dir)
-    width = len(str(cfg.num_domains))
     for d in range(cfg.num_domains):
         for split in SPLITS:
             images, labels = generate_domain_uint8(cfg, d, split)
@@ -652,7 +736,7 @@ def write_fundus_layout(cfg: SyntheticConfig, out_dir: str | Path) -> None:
                 base = out / f"Domain{d + 1}" / split / "ROIs"
                 codec = FUNDUS
             else:
-                base = out / f"Site{d + 1:0{width}d}" / split
+                base = out / PROSTATE_SITES[d] / split
                 codec = PROSTATE
             (base / "image").mkdir(parents=True, exist_ok=True)
             (base / "mask").mkdir(parents=True, exist_ok=True)
@@ -668,5 +752,5 @@ def write_fundus_layout(cfg: SyntheticConfig, out_dir: str | Path) -> None:
 __all__ = [
     "FUNDUS_STYLES", "PROSTATE_STYLES", "SLICES_PER_CASE", "FundusStyle", "ProstateStyle", "SyntheticConfig",
     "build_synthetic_splits", "domain_style", "generate_domain", "generate_domain_uint8", "sample_names",
-    "synthetic_info", "write_fundus_layout",
+    "synthetic_info", "synth_layout", "write_fundus_layout", "write_generic_layout", "write_layout",
 ]

@@ -17,6 +17,12 @@ preprocessing was never released, so each recipe says where it comes from).
   the true spacing; lung window [-1000, 500] HU (keeps parenchyma and soft-tissue tumour apart);
   min-max to [0, 1]; crop = GT box + 25, at least 96.
 
+Label mapping (``Recipe.foreground_values``, printed by ``medsemi data prepare``): pancreas, spleen and
+lung take label value 1 as the foreground, la any non-zero value. Every other non-zero value becomes
+background, and the summary says so per case with its voxel count (e.g. MSD Task07's tumour, value 2);
+``foreground=(1, 2)`` (``--foreground 1,2``) merges such values into the foreground. A case whose label
+holds none of the foreground values is not written, and the summary says why.
+
 The ground-truth crop is label-dependent for test cases too, as in the original (spec 1.5, N21).
 Image interpolation is trilinear (``scipy.ndimage.zoom`` order 1), labels nearest-neighbour.
 Output: ``<out_dir>/<name>.h5`` (``image`` float32, ``label`` uint8 {0,1}) with attributes ``spacing``,
@@ -71,10 +77,41 @@ RECIPES: dict[str, Recipe] = {
 
 @dataclass
 class PrepareReport:
-    """What :func:`prepare_dataset` did: written files and skipped cases (with the reason)."""
+    """What :func:`prepare_dataset` did: written files, skipped cases (with the reason) and label notes."""
 
     written: list[Path] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # label values turned into background, per case
+    mapping: str = ""
+
+    @property
+    def existing(self) -> list[str]:
+        return [s for s in self.skipped if s.endswith(EXISTS)]
+
+    @property
+    def problems(self) -> list[str]:
+        """Cases not written because of their data (not because their output already existed)."""
+        return [s for s in self.skipped if not s.endswith(EXISTS)]
+
+    def summary(self, out_dir: str | Path) -> str:
+        lines = [f"label mapping: {self.mapping}"] if self.mapping else []
+        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"not written: {s}" for s in self.problems]
+        if self.existing:
+            lines.append(f"skipped {len(self.existing)} case(s) whose output already exists in {out_dir} "
+                         "(--overwrite replaces them)")
+        lines.append(f"{len(self.written)} case(s) written, {len(self.existing)} already there, "
+                     f"{len(self.problems)} not written because of a problem, into {out_dir}")
+        return "\n".join(lines)
+
+
+EXISTS = "exists (use overwrite)"
+
+
+def describe_mapping(values: tuple[int, ...] | None) -> str:
+    if values is None:
+        return "foreground = any non-zero label value"
+    return f"foreground = label value(s) {', '.join(map(str, values))}; every other value -> background"
 
 
 def output_name(kind: str, stem: str) -> str:
@@ -97,6 +134,14 @@ def _foreground(label: np.ndarray, values: tuple[int, ...] | None) -> np.ndarray
     if values is None:
         return (label != 0).astype(np.uint8)
     return np.isin(label, values).astype(np.uint8)
+
+
+def dropped_values(label: np.ndarray, values: tuple[int, ...] | None) -> dict[int, int]:
+    """Non-zero label values that the mapping turns into background, with their voxel counts."""
+    if values is None:
+        return {}
+    found, counts = np.unique(np.asarray(label), return_counts=True)
+    return {int(v): int(c) for v, c in zip(found, counts) if v != 0 and int(v) not in values}
 
 
 def _resample(image: np.ndarray, label: np.ndarray, spacing: tuple[float, float, float],
@@ -155,7 +200,12 @@ def preprocess_arrays(image: np.ndarray, label: np.ndarray, spacing: tuple[float
     rng = rng if rng is not None else np.random.default_rng(0)
     fg = _foreground(np.asarray(label), recipe.foreground_values)
     if not fg.any():
-        raise ValueError(f"{source}: label has no foreground; cannot crop around the ground truth")
+        present = sorted(int(v) for v in np.unique(np.asarray(label)) if v != 0)
+        raise ValueError(
+            f"{source}: label has no foreground (non-zero values present: {present or 'none'}; "
+            f"{describe_mapping(recipe.foreground_values)}), so there is nothing to crop around"
+            + ("; --foreground chooses the foreground values" if present else "")
+        )
     img = np.asarray(image, dtype=np.float32)
     img, fg, new_spacing = _resample(img, fg, spacing, recipe)
     if recipe.intensity == "clip_minmax":
@@ -197,11 +247,13 @@ def prepare_dataset(
     seed: int = 0,
     recipe: Recipe | None = None,
     true_z_spacing: bool = False,
+    foreground: tuple[int, ...] | None = None,
 ) -> PrepareReport:
     """Convert an MSD/nnU-Net NIfTI folder (``imagesTr``/``labelsTr``) of ``kind`` into ``<name>.h5`` files.
 
     ``kind``: pancreas, la, spleen or lung. ``recipe`` overrides :data:`RECIPES`; ``true_z_spacing``
-    turns off the pancreas z-spacing quirk. For ``la``, ``src_dir`` may instead hold UA-MT
+    turns off the pancreas z-spacing quirk; ``foreground`` sets the label values that are foreground
+    (e.g. ``(1, 2)`` merges MSD pancreas tumour into the pancreas). For ``la``, ``src_dir`` may instead hold UA-MT
     ``<ID>/mri_norm2.h5`` folders (copied as they are). Existing outputs are kept unless ``overwrite``.
     Cases whose label has no foreground are skipped and reported.
     """
@@ -210,11 +262,13 @@ def prepare_dataset(
     rec = recipe or RECIPES[kind]
     if true_z_spacing:
         rec = replace(rec, pancreas_z_quirk=False)
+    if foreground is not None:
+        rec = replace(rec, foreground_values=tuple(int(v) for v in foreground))
     src, out = Path(src_dir), Path(out_dir)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
     out.mkdir(parents=True, exist_ok=True)
-    report = PrepareReport()
+    report = PrepareReport(mapping=f"{kind}: {describe_mapping(rec.foreground_values)}")
     if kind == "la" and not (src / "imagesTr").is_dir():
         return _copy_uamt_la(src, out, overwrite, report)
     for i, case in enumerate(find_nifti_cases(src)):
@@ -222,10 +276,16 @@ def prepare_dataset(
         target = out / f"{name}.h5"
         case_rng = np.random.default_rng([seed, i])  # per case: independent of skips and order of runs
         if target.exists() and not overwrite:
-            report.skipped.append(f"{target}: exists (use overwrite)")
+            report.skipped.append(f"{target}: {EXISTS}")
             continue
         image, label = read_nifti_case(case)
         assert label is not None
+        dropped = dropped_values(label.data, rec.foreground_values)
+        if dropped:
+            report.notes.append(
+                f"{case.label_path}: label value(s) " + ", ".join(f"{v} ({n} voxels)" for v, n in dropped.items())
+                + " set to background (--foreground merges them)"
+            )
         try:
             img, lab, attrs = preprocess_arrays(image.data, label.data, image.spacing, rec, case_rng,
                                                 source=str(case.image_path))
@@ -245,7 +305,7 @@ def _copy_uamt_la(src: Path, out: Path, overwrite: bool, report: PrepareReport) 
         name = output_name("la", f.parent.name)
         target = out / f"{name}.h5"
         if target.exists() and not overwrite:
-            report.skipped.append(f"{target}: exists (use overwrite)")
+            report.skipped.append(f"{target}: {EXISTS}")
             continue
         vol = read_case(f, binarize=False)
         attrs = {"task_id": 2, "kind": "la", "source": str(f), "spacing": np.full(3, 0.625)}
