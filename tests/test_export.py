@@ -301,7 +301,7 @@ def test_corrupt_checkpoint_is_one_sentence(tmp_path, capsys):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     assert main(["export", str(bad), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "best_test.pt" in err and "not a readable medsemi checkpoint" in err
+    assert "best_test.pt" in err and "not a readable checkpoint" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
@@ -311,7 +311,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
             return (print, ("ran code",))
 
     torch.save({"model": {}, "config": {}, "info": {}, "x": Evil()}, tmp_path / "best_test.pt")
-    with pytest.raises(CheckpointError, match="best_test.pt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="best_test.pt: refused to load: it holds print"):
         export_checkpoint(tmp_path / "best_test.pt", tmp_path / "out")
 
 
@@ -335,3 +335,23 @@ def test_unsupported_onnx_operator_is_named_and_torchscript_suggested(tmp_path):
     with pytest.raises(ExportError, match=r"bessel_j0.*--format torchscript"):
         export_onnx(Bessel(), torch.zeros(1, 1, 4, 4), tmp_path / "m.onnx", {0: "batch"})
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_generic_dataset_normalisation_and_filter_reach_the_spec_and_example():
+    """A generic dataset with per-image min-max intensities and its own resize filter: preprocessing.json
+    and the README example say so (not the 8-bit formula and default filter)."""
+    from medsemi.data.codecs import index_codec
+    from medsemi.data.contract import DatasetInfo, LabelSpec
+    from medsemi.workflows.export_readme import example_2d
+    from medsemi.workflows.export_spec import spec_2d
+
+    labels = LabelSpec("exclusive", ("background", "organ"))
+    info = DatasetInfo("generic", 1, labels, ("a",), (32, 32),
+                       extra={"normalization": "minmax", "image_resample": "nearest"})
+    spec = spec_2d(info, index_codec(labels))
+    assert spec["input"]["intensity"]["normalization"] == "minmax"
+    assert spec["input"]["resize"]["filter"] == "nearest"
+    code = example_2d("onnx", spec)
+    assert "x.min()" in code and "127.5" not in code and "Image.Resampling.NEAREST" in code
+    plain = spec_2d(DatasetInfo("generic", 1, labels, ("a",), (32, 32)), index_codec(labels))
+    assert plain["input"]["intensity"]["normalization"] == "uint8" and "127.5" in example_2d("onnx", plain)

@@ -108,10 +108,12 @@ def _inject(monkeypatch, *, boxes, lam_u, method=None, ust=None, n_q=0):
 def _engine(method, lr=0.03):
     """What Trainer.train_step reads, around our method (SGD, EMA, poly LR as configured)."""
     train = SimpleNamespace(optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=False,
-                            schedule="poly", iterations=MAX_ITER, poly_power=0.9, ema_decay=0.99)
+                            schedule="poly", iterations=MAX_ITER, poly_power=0.9, ema_decay=0.99,
+                            nonfinite="stop")
     cfg = SimpleNamespace(train=train)
     eng = SimpleNamespace(cfg=cfg, method=method, device=torch.device("cpu"), amp="off",
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None)
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None,
+                          guard=None)
     eng.optimizer = build_optimizer(cfg, method.trainable_parameters())
     return eng
 

@@ -95,10 +95,11 @@ def _inject(monkeypatch, stage: int, draws):
 
 def _engine(method):
     train = SimpleNamespace(optimizer="adam", lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, schedule="constant",
-                            iterations=len(ITERS), ema_decay=0.99)
+                            iterations=len(ITERS), ema_decay=0.99, nonfinite="stop")
     cfg = SimpleNamespace(train=train)
     eng = SimpleNamespace(cfg=cfg, method=method, device=torch.device("cpu"), amp="off",
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None)
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None,
+                          guard=None)
     eng.optimizer = build_optimizer(cfg, method.trainable_parameters())
     return eng
 

@@ -279,7 +279,7 @@ class Trainer:
                 {
                     "model": unwrap(self.student).state_dict(),
                     "iteration": self.iteration,
-                    "score": float(score),
+                    "score": None if score is None else float(score),
                     "config": config_to_dict(self.cfg),
                     "info": dataset_info_dict(self.family),
                 },

@@ -1,12 +1,12 @@
 """``preprocessing.json`` of an export: how to turn an image file into the network's input and its
 output into a mask, written so that a program without medsemi can follow it.
 
-2D (the readers of ``data/``): RGB or grey, resized to the training patch with the dataset's filter
-(Lanczos for RGB, bilinear for grey unless the dataset says otherwise), intensities ``v / 127.5 - 1`` or,
-for a generic dataset with ``normalization: minmax``, per image to [-1, 1]; layout (N, C, H, W). 3D (VerSemi, spec versemi.md
-1.4 and 4.2): the volume's axes as nibabel returns them, the task's training recipe (resampling, HU clip +
-min-max or z-score), a sliding window of the training crop with the run's strides, softmax probabilities
-averaged, argmax (ties -> background), optional largest connected component.
+2D (the readers of ``data/``): RGB or grey, resized to the training patch with the dataset's filter (Lanczos
+for RGB, bilinear for grey unless the dataset says otherwise), intensities ``v / 127.5 - 1`` or, for a generic
+dataset with ``normalization: minmax``, per image to [-1, 1]; layout (N, C, H, W). 3D (VerSemi, spec
+versemi.md 1.4 and 4.2): the volume's axes as nibabel returns them, the task's training recipe (resampling, HU
+clip + min-max or z-score), a sliding window of the training crop with the run's strides, softmax
+probabilities averaged, argmax (ties -> background), optional largest connected component.
 
 The mask encoding is a lookup table computed by the dataset's own codec (``data/codecs.py``), so the
 file reproduces exactly what ``medsemi predict`` writes: for exclusive labels ``lut[class index]``, for
