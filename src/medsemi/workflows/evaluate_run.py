@@ -61,6 +61,7 @@ def evaluate_run(
     dev = resolve_device(device)
     family = family or build_family(cfg)
     results: dict[str, Any] = {}
+    overlays: list[Path] = []
     for role in which:
         loaded = load_network(run_dir, role, cfg, family.info, dev)
         if loaded is None:
@@ -71,10 +72,11 @@ def evaluate_run(
         res["iteration"] = iteration
         results[role] = res
         if role == "best_test" or (role == "last_student" and "best_test" not in results):
-            family.write_overlays(model, cfg, dev, out / "overlays")
+            overlays = family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
     plot_curves(run_dir)
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "report.md").write_text(render_report(cfg, results, family))
+    links = [p.relative_to(out).as_posix() for p in overlays]
+    (out / "report.md").write_text(render_report(cfg, results, family, overlays=links))
     return results
