@@ -165,12 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     overrides_help = "dotted overrides a.b=value, before or after the options (e.g. model.base_channels=16)"
+    config_help = "YAML experiment config: a path, or one relative to the repository or its configs/ folder"
     device_help = "auto (CUDA when available, else CPU), cpu, cuda or cuda:N"
 
     p = sub.add_parser("train", help="train a method from a YAML config",
                        description="Train a method. Example: medsemi train configs/demo.yaml train.iterations=200")
-    p.add_argument("config", nargs="?",
-                   help="YAML experiment config (a path, or relative to the repository / its configs/ folder)")
+    p.add_argument("config", nargs="?", help=config_help)
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--run-dir", help="run directory (default: <output_dir>/<name>-<method>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run where it stopped")
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: compare methods over seeds")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
     p = bsub.add_parser("compare", help="train several methods over several seeds; table (MD, CSV) + bar chart")
-    p.add_argument("config", help="YAML experiment config (a path, or relative to the repository / its configs/ folder)")
+    p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", help=overrides_help)
     p.add_argument("--methods", default="supervised,ustrun",
                    help="comma-separated method names or variants name:key=value (see `medsemi methods`)")
@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from medsemi.config import ConfigError
 
+    prog = args.parser.prog  # "medsemi data convert"
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()
@@ -319,10 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             os.dup2(devnull, sys.stdout.fileno())
         return 1
     except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"medsemi {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"medsemi {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
+        print(f"{prog}: error: {describe_os_error(err)}", file=sys.stderr)
         return 1
 
 

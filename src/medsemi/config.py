@@ -9,6 +9,7 @@ Every section is a dataclass; unknown keys are an error that lists the valid one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -288,6 +289,11 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if isinstance(child, OverrideText):  # a.b={x: 1} then a.b.y=2
+            with contextlib.suppress(yaml.YAMLError):
+                parsed = yaml.safe_load(child)
+                if isinstance(parsed, dict):
+                    child = node[part] = parsed
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child

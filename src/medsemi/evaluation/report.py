@@ -36,6 +36,17 @@ def plot_curves(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    fig = curves_figure(records)
+    out = run_dir / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def curves_figure(records: list[dict]) -> Any:
+    """The matplotlib figure of :func:`plot_curves` from ``metrics.jsonl`` records."""
+    import matplotlib.pyplot as plt
+
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -61,10 +72,7 @@ def plot_curves(run_dir: Path) -> Path | None:
     if dice_keys:
         axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    out = run_dir / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig
 
 
 CLASS_COLOURS = ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
@@ -78,9 +86,15 @@ def case_dice(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)))
 
 
+def pick_cases(dice: list[float], count: int) -> tuple[list[int], list[int]]:
+    """The indices of the first ``count`` cases and of the ``count`` with the lowest Dice (worst first)."""
+    n = min(count, len(dice))
+    return list(range(n)), [int(i) for i in np.argsort(np.asarray(dice), kind="stable")[:n]]
+
+
 def _picture(image: np.ndarray) -> np.ndarray:
     img = ((image + 1) * 0.5).clip(0, 1)
-    return np.repeat(img, 3, axis=0).transpose(1, 2, 0) if img.shape[0] == 1 else img[:3].transpose(1, 2, 0)
+    return img[:3].transpose(1, 2, 0) if img.shape[0] == 3 else np.repeat(img[:1], 3, axis=0).transpose(1, 2, 0)
 
 
 def _draw(ax: Any, rgb: np.ndarray, masks: np.ndarray, title: str) -> None:
@@ -123,8 +137,7 @@ def write_overlays(
         pred_bin = spec.to_binary(pred).cpu().numpy()
         gt_bin = spec.to_binary(data["label"]).cpu().numpy()
         dice = [case_dice(pred_bin[i], gt_bin[i]) for i in range(total)]
-        first = list(range(min(count, total)))
-        worst = [int(i) for i in np.argsort(dice, kind="stable")[: min(count, total)]]
+        first, worst = pick_cases(dice, count)
         rows = [("first", first), ("worst", worst)]
         fig, axes = plt.subplots(2, 2 * len(first), figsize=(3.2 * len(first) + 0.5, 4.2), squeeze=False)
         for row, (kind, picks) in enumerate(rows):

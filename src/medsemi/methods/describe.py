@@ -55,7 +55,8 @@ def option_rows(cls: type) -> list[tuple[str, str, str, str]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
-        rows.append((f.name, _type_name(hints.get(f.name, f.type)), f"{default:.4g}" if isinstance(default, float) else repr(default),
+        shown = f"{default:.4g}" if isinstance(default, float) else repr(default)
+        rows.append((f.name, _type_name(hints.get(f.name, f.type)), shown,
                      comments.get(f.name, "(see the method's module docstring)")))
     return rows
 
