@@ -107,7 +107,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         problems = check_volumes(args.root)
         summary = summarise_volumes(args.root)
         if args.json:
-            print(json.dumps({"root": str(args.root), "format": args.format, "tasks": summary,
+            print(json.dumps({"root": str(args.root), "format": args.format, "ok": not problems, "tasks": summary,
                               "errors": problems, "warnings": []}, indent=1))
         else:
             print(summary_text(args.root, summary, problems))
