@@ -54,6 +54,7 @@ def test_synth_train_evaluate_predict_score(tmp_path, tiny_overrides, capsys):
     report = (run / "report.md").read_text()
     assert "best_test" in report and "Domain2" in report
     assert (run / "curves.png").exists() and (run / "overlays" / "Domain1.png").exists()
+    assert "](overlays/Domain1.png)" in report  # report.md links the overlays
     result = json.loads((run / "eval.json").read_text())
     assert set(result["best_test"]["per_domain"]) == {"Domain1", "Domain2", "Domain3", "Domain4"}
 
@@ -86,9 +87,27 @@ def test_synth_train_evaluate_predict_score(tmp_path, tiny_overrides, capsys):
 
 @pytest.mark.skipif(not SAMPLES.exists(), reason="shared samples not present")
 def test_training_refuses_data_with_errors_before_the_first_step(tmp_path, capsys):
-    code = main(["train", str(REPO / "configs" / "prostate" / "supervised.yaml"),
-                 f"data.root={SAMPLES / 'ProstateSlice'}", "--run-dir", str(tmp_path / "run")])
+    import shutil
+
+    data = tmp_path / "Fundus"
+    shutil.copytree(SAMPLES / "Fundus", data)
+    mask = next(data.glob("Domain1/train/ROIs/mask/*.png"))
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(mask)  # size mismatch: an error of `data check`
+    code = main(["train", str(REPO / "configs" / "fundus" / "supervised.yaml"), f"data.root={data}",
+                 "--run-dir", str(tmp_path / "run")])
     assert code == 2
     err = capsys.readouterr().err
-    assert "00_01.png" in err and "I2CVB" in err
+    assert mask.name in err and "data.check=false" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not SAMPLES.exists(), reason="shared samples not present")
+def test_unlabelled_image_without_mask_is_a_warning_in_training(tmp_path, capsys):
+    code = main(["train", str(REPO / "configs" / "prostate" / "supervised.yaml"),
+                 f"data.root={SAMPLES / 'ProstateSlice'}", "data.patch_size=32", "data.lb_num=1",
+                 "model.base_channels=4", "train.batch_size=1", "train.unlabelled_batch_size=1",
+                 "train.iterations=1", "train.eval_every=1", "train.tensorboard=false", "--no-eval",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "00_01.png" in err and "no mask" in err

@@ -82,3 +82,29 @@ def test_channels_last_accepts_auto_and_old_booleans(tmp_path):
     assert resolve_channels_last("true", cpu, net3d) is torch.channels_last_3d
     assert resolve_channels_last(True, cpu, net2d) is torch.channels_last
     assert resolve_channels_last(False, cuda, net2d) is None
+
+
+def test_override_text_is_read_by_the_field_type():
+    cfg = load_config(DEMO, ["train.amp=off", "data.root=/data/a #b", "data.list_dir=on", "train.iterations=1e3",
+                             "train.nesterov=yes", "train.deterministic=on", "train.progress_bar=0",
+                             "data.options={crop: 96}", "data.options.repeats=3", "augment.brightness=[0.1, 2]",
+                             "method.name=fixmatch", "method.teacher=student", "method.threshold=0.9"])
+    assert cfg.train.amp == "off"  # YAML would have made it False
+    assert cfg.data.root == "/data/a #b"  # YAML would have dropped the comment
+    assert cfg.data.list_dir == "on"  # YAML would have made it True
+    assert cfg.train.iterations == 1000 and isinstance(cfg.train.iterations, int)
+    assert cfg.train.nesterov is True and cfg.train.deterministic is True and cfg.train.progress_bar is False
+    assert cfg.data.options == {"crop": 96, "repeats": 3}  # free-form fields still parse YAML
+    assert tuple(cfg.augment.brightness) == (0.1, 2.0)
+    assert cfg.method.teacher == "student" and cfg.method.threshold == 0.9
+    for bad in ("train.iterations=1.5e0", "train.nesterov=maybe", "train.lr=fast"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(DEMO, [bad])
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "train.unlabelled_batch_size", "train.iterations",
+                                 "train.eval_every", "train.checkpoint_every"])
+def test_non_positive_sizes_are_refused_when_loading(key):
+    for value in ("0", "-2"):
+        with pytest.raises(ConfigError, match=f"{key} must be a positive integer"):
+            load_config(DEMO, [f"{key}={value}"])

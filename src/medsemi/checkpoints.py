@@ -71,9 +71,11 @@ def save_atomic(obj: Any, path: str | Path, keep_previous: str | Path | None = N
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # "no space left on device while writing <path>"
         raise
 
 

@@ -9,7 +9,9 @@ Every section is a dataclass; unknown keys are an error that lists the valid one
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -99,6 +101,8 @@ class TrainSection:
     # a non-finite loss: stop (checked at each log interval, no per-step host sync) | skip_step (that
     # step's update is masked out on the device; a log interval whose every step was skipped stops)
     nonfinite: str = "stop"
+    # CPU threads for torch's intra-op pool; 0 = automatic: min(4, the CPUs this process may use)
+    threads: int = 0
     deterministic: bool = False
     progress_bar: bool = True
     tensorboard: bool = True
@@ -147,16 +151,72 @@ class Config:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+class OverrideText(str):
+    """The text of a command-line override (``key=TEXT``), parsed only once the key's declared type is known."""
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NULL = ("null", "none", "~")
+
+
+def _yaml_values(value: Any) -> Any:
+    """Override texts inside a free-form value (``dict``/``list``/``Any`` fields) parsed as YAML."""
+    if isinstance(value, OverrideText):
+        return yaml.safe_load(value) if value.strip() else ""
+    if isinstance(value, dict):
+        return {k: _yaml_values(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_yaml_values(v) for v in value]
+    return value
+
+
+def _coerce_text(text: str, tp: Any, where: str) -> Any:
+    """An override's text read as the declared scalar type ``tp`` (str, bool, int or float)."""
+    word = text.strip()
+    if tp is str:
+        return str(text)
+    if tp is bool:
+        if word.lower() in _TRUE or word.lower() in _FALSE:
+            return word.lower() in _TRUE
+        raise ConfigError(f"{where}: expected true/false (or yes/no, on/off, 1/0), got {text!r}")
+    if tp is int:
+        try:
+            return int(word)
+        except ValueError:
+            pass
+        try:
+            number = float(word)
+        except ValueError:
+            number = math.nan
+        if math.isfinite(number) and number == int(number):
+            return int(number)  # 1e3, 200.0
+        raise ConfigError(f"{where}: expected an integer, got {text!r}")
+    try:
+        return float(word)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {text!r}") from None
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise a ConfigError naming ``where``."""
+    """Convert a YAML value (or an override's text, :class:`OverrideText`) to the annotated type, or raise a
+    ConfigError naming ``where``. Override text is read by the declared type: a ``str`` field takes it as
+    written (``train.amp=off`` is "off"); ``dict``/``list``/``Any``/tuple/section values are parsed as YAML."""
     origin = typing.get_origin(tp)
     if tp is Any:
-        return value
+        return _yaml_values(value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
+        if value is None or (isinstance(value, OverrideText) and value.strip().lower() in _NULL):
             return None
         return _coerce(value, args[0], where)
+    if isinstance(value, OverrideText):
+        if tp in (str, bool, int, float):
+            return _coerce_text(value, tp, where)
+        try:
+            value = _yaml_values(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{where}: {str(value)!r} is not valid YAML ({err.problem})") from None
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -175,16 +235,20 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _yaml_values(dict(value))
     if origin is list or tp is list:
-        return list(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return _yaml_values(list(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
-            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, str) and value.lower() in (*_TRUE, *_FALSE):
+            return value.lower() in _TRUE
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):
+            return _coerce_text(value, int, where)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return int(value)
@@ -279,7 +343,24 @@ def config_from_dict(raw: dict, notes: list[str] | None = None) -> Config:
         notes.extend(found)
     cfg = _from_dict(Config, raw, "")
     cfg.method = _method_options(method_raw)
+    validate(cfg)
     return cfg
+
+
+POSITIVE_KEYS = ("train.iterations", "train.batch_size", "train.unlabelled_batch_size", "train.eval_every",
+                 "train.checkpoint_every", "train.log_every", "eval.batch_size")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values no run can use (checked when the config is loaded, before any run directory is made)."""
+    for key in POSITIVE_KEYS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value <= 0:
+            raise ConfigError(f"{key} must be a positive integer, got {value}")
+    if cfg.train.threads < 0:
+        raise ConfigError(f"train.threads must be 0 (automatic) or a positive number of CPU threads, "
+                          f"got {cfg.train.threads}")
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -289,21 +370,40 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
         child = node.get(part)
         if child is None:
             child = node[part] = {}
+        if isinstance(child, OverrideText):  # a.b={x: 1} then a.b.y=2
+            with contextlib.suppress(yaml.YAMLError):
+                parsed = yaml.safe_load(child)
+                if isinstance(parsed, dict):
+                    child = node[part] = parsed
         if not isinstance(child, dict):
             raise ConfigError(f"override {key!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
 
 
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["a.b=3", "c=true"]`` -> ``[("a.b", 3), ("c", True)]`` (values parsed as YAML)."""
+def parse_overrides(overrides: list[str]) -> list[tuple[str, OverrideText]]:
+    """``["a.b=3", "c=on"]`` -> ``[("a.b", "3"), ("c", "on")]``: the text after the first ``=``, kept as written
+    (:class:`OverrideText`) until the config is built, where each value is read by its field's declared type."""
     parsed = []
     for item in overrides:
-        if "=" not in item:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        key, text = item.split("=", 1)
-        parsed.append((key.strip(), yaml.safe_load(text) if text.strip() else ""))
+        parsed.append((key.strip(), OverrideText(text)))
     return parsed
+
+
+def find_config(path: str | Path) -> Path:
+    """A config path as ``train`` and ``bench compare`` both read it: as given (relative to the current folder),
+    else relative to the repository checkout, else to its ``configs/`` folder."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    repo = Path(__file__).resolve().parents[2]
+    for candidate in (repo / path, repo / "configs" / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path} (looked in the current folder, {repo} and {repo / 'configs'})")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, notes: list[str] | None = None,

@@ -12,12 +12,14 @@ from torch import nn
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; an explicit ``cuda`` without a GPU is an error."""
+    """``auto`` is CUDA when available, else the CPU; an explicit ``cuda`` without a GPU is a ValueError
+    (one sentence, shown by the CLI)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but no CUDA device is available")
+        raise ValueError(f"device {name!r} asked for, but no CUDA GPU is available here (torch.cuda.is_available() is "
+                         "False); use train.device=cpu (or auto), or --device cpu")
     return device
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from medsemi.config import Config
 from medsemi.data.contract import LabelSpec
-from medsemi.evaluation.evaluate import overlay, predict_labels
+from medsemi.evaluation.evaluate import predict_labels
 from medsemi.metrics import MetricPolicy, format_table, policy_from_eval
 
 CHECKPOINTS = {
@@ -28,8 +28,8 @@ CHECKPOINTS = {
 
 
 def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
-    """``curves.png``: training losses and evaluation Dice; ``group`` names what the macro mean is over
-    (``domain``, or ``task`` for multi-task data)."""
+    """``curves.png``: the training losses (total, supervised and every unlabelled term) and the test Dice per
+    ``group`` (``domain``, or ``task`` for multi-task data) of the student, with its macro mean, on a 0-1 axis."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -39,48 +39,125 @@ def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key in ("loss", "loss_sup", "loss_unsup"):
-        pts = [(r["iteration"], r[key]) for r in train if key in r]
-        if pts:
-            axes[0].plot(*zip(*pts), label=key)
-    axes[0].set_xlabel("iteration")
-    axes[0].set_title("training loss")
-    axes[0].legend()
-    for key in sorted({k for r in evals for k in r if k.endswith("_dice") and not k.startswith("best")}):
-        pts = [(r["iteration"], r[key]) for r in evals if key in r]
-        axes[1].plot(*zip(*pts), marker="o", label=key)
-    axes[1].set_xlabel("iteration")
-    axes[1].set_title(f"mean Dice (macro over {group}s)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    fig = curves_figure(records, group)
     out = run_dir / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
+def curves_figure(records: list[dict], group: str = "domain") -> Any:
+    """The matplotlib figure of :func:`plot_curves` from ``metrics.jsonl`` records."""
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    loss_keys = [k for k in dict.fromkeys(k for r in train for k in r) if k == "loss" or k.startswith("loss_")]
+    for key in loss_keys:
+        pts = [(r["iteration"], r[key]) for r in train if key in r]
+        axes[0].plot(*zip(*pts), label=key, lw=2 if key == "loss" else 1)
+    axes[0].set_xlabel("iteration")
+    axes[0].set_title("training losses (loss_sup: labelled; the other loss_*: unlabelled terms)", fontsize=9)
+    if loss_keys:
+        axes[0].legend(fontsize=7)
+    dice_keys = [k for k in dict.fromkeys(k for r in evals for k in r) if k.startswith("test_student_dice")]
+    for key in dice_keys:
+        pts = [(r["iteration"], r[key]) for r in evals if key in r]
+        macro = key == "test_student_dice"
+        label = "macro mean" if macro else key.removeprefix("test_student_dice_")
+        axes[1].plot(*zip(*pts), marker="o", ms=3, lw=2.5 if macro else 1, color="black" if macro else None,
+                      label=label)
+    axes[1].set_ylim(0, 1)
+    axes[1].set_xlabel("iteration")
+    axes[1].set_ylabel("Dice (mean over classes)")
+    axes[1].set_title(f"student test Dice per {group}", fontsize=9)
+    if dice_keys:
+        axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    return fig
+
+
+CLASS_COLOURS = ((0.12, 0.47, 0.71), (1.0, 0.5, 0.05), (0.17, 0.63, 0.17), (0.84, 0.15, 0.16),
+                 (0.58, 0.4, 0.74), (0.55, 0.34, 0.29), (0.89, 0.47, 0.76), (0.09, 0.75, 0.81))
+
+
+def case_dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Mean over foreground classes of a case's Dice (both masks empty: 1), for choosing and labelling overlays."""
+    inter = (pred & gt).reshape(len(pred), -1).sum(1)
+    total = pred.reshape(len(pred), -1).sum(1) + gt.reshape(len(gt), -1).sum(1)
+    return float(np.mean(np.where(total > 0, 2 * inter / np.maximum(total, 1), 1.0)))
+
+
+def pick_cases(dice: list[float], count: int) -> tuple[list[int], list[int]]:
+    """The indices of the first ``count`` cases and of the ``count`` with the lowest Dice (worst first)."""
+    n = min(count, len(dice))
+    return list(range(n)), [int(i) for i in np.argsort(np.asarray(dice), kind="stable")[:n]]
+
+
+def _picture(image: np.ndarray) -> np.ndarray:
+    img = ((image + 1) * 0.5).clip(0, 1)
+    return img[:3].transpose(1, 2, 0) if img.shape[0] == 3 else np.repeat(img[:1], 3, axis=0).transpose(1, 2, 0)
+
+
+def _draw(ax: Any, rgb: np.ndarray, masks: np.ndarray, title: str) -> None:
+    """The image with each class filled (translucent) and outlined in its colour."""
+    from scipy import ndimage
+
+    out = rgb.copy()
+    for c in sorted(range(len(masks)), key=lambda k: -int(masks[k].sum())):  # larger first: a cup inside a disc shows
+        m = masks[c]
+        colour = np.asarray(CLASS_COLOURS[c % len(CLASS_COLOURS)])
+        out[m] = 0.55 * out[m] + 0.45 * colour
+        out[m & ~ndimage.binary_erosion(m)] = colour
+    ax.imshow(out, interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def write_overlays(
     model: nn.Module, test_data: dict[str, dict], spec: LabelSpec, out_dir: Path, count: int
 ) -> list[Path]:
-    """One strip of ``count`` prediction overlays per test domain: ``out_dir/<domain>.png``."""
-    from PIL import Image
+    """One picture per test domain, ``out_dir/<domain>.png``: the first ``count`` cases and the ``count``
+    worst (lowest Dice), each as ground truth beside prediction, classes in distinct colours, with a legend,
+    the case name and its Dice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = spec.foreground_names
+    handles = [Patch(color=CLASS_COLOURS[c % len(CLASS_COLOURS)], label=n) for c, n in enumerate(names)]
     written = []
     for domain, data in test_data.items():
-        n = min(count, len(data["image"]))
-        if n == 0:
+        total = len(data["image"])
+        if total == 0 or count <= 0:
             continue
-        pred = predict_labels(model, data["image"][:n], spec, batch_size=n)
-        tiles = [overlay(data["image"][i], data["label"][i], pred[i], spec) for i in range(n)]
-        strip = np.concatenate(tiles, axis=1)
-        zoom = max(1, -(-192 // strip.shape[0]))  # small patches are enlarged (nearest) to be readable
-        strip = strip.repeat(zoom, axis=0).repeat(zoom, axis=1)
-        Image.fromarray(strip).save(out_dir / f"{domain}.png")
-        written.append(out_dir / f"{domain}.png")
+        pred = predict_labels(model, data["image"], spec, batch_size=max(1, min(total, 16)))
+        pred_bin = spec.to_binary(pred).cpu().numpy()
+        gt_bin = spec.to_binary(data["label"]).cpu().numpy()
+        dice = [case_dice(pred_bin[i], gt_bin[i]) for i in range(total)]
+        first, worst = pick_cases(dice, count)
+        rows = [("first", first), ("worst", worst)]
+        fig, axes = plt.subplots(2, 2 * len(first), figsize=(3.2 * len(first) + 0.5, 4.2), squeeze=False)
+        for row, (kind, picks) in enumerate(rows):
+            for j, i in enumerate(picks):
+                rgb = _picture(data["image"][i].float().cpu().numpy())
+                name = Path(str(data["name"][i])).name
+                _draw(axes[row, 2 * j], rgb, gt_bin[i], f"{kind}: {name}\nground truth")
+                _draw(axes[row, 2 * j + 1], rgb, pred_bin[i], f"prediction\nDice {dice[i]:.3f}")
+                axes[row, 2 * j + 1].legend(handles=handles, fontsize=5, loc="lower right", framealpha=0.7,
+                                            handlelength=1, borderpad=0.3)
+        fig.suptitle(f"{domain}: first {len(first)} and worst {len(worst)} test cases (Dice = mean over classes)",
+                     fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{domain}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     return written
 
 
@@ -99,8 +176,9 @@ def _policy_name(cfg: Config, family: Any) -> str:
     return "the eval section's rule"
 
 
-def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
-    """``report.md`` of an evaluated run; ``splits`` is the dataset family (``info``, ``summary()``)."""
+def render_report(cfg: Config, results: dict[str, Any], splits: Any, overlays: list[str] | None = None) -> str:
+    """``report.md`` of an evaluated run; ``splits`` is the dataset family (``info``, ``summary()``);
+    ``overlays``: the overlay pictures' paths relative to the report, linked under "Overlays"."""
     tasks = splits.info.extra.get("tasks")  # multi-task volume data has tasks, not a labelled domain
     setting = (f"Tasks {', '.join(tasks.values())}" if tasks else f"Labelled domain {cfg.data.lb_domain}")
     lines = [
@@ -128,4 +206,7 @@ def render_report(cfg: Config, results: dict[str, Any], splits: Any) -> str:
         lines += ["", f"## {which}: {about}", "", format_table(res, ("dice", "jaccard", "hd95", "asd"),
                                                                   group="task" if tasks else "domain")]
     lines += ["", "![curves](curves.png)", ""]
+    if overlays:
+        lines += ["## Overlays", "", "First and worst test cases, ground truth beside prediction:", ""]
+        lines += [f"- [{Path(o).stem}]({o})" for o in overlays] + [""]
     return "\n".join(lines)

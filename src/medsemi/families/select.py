@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from medsemi.config import Config, ConfigError
 from medsemi.data.datasets import Splits
 from medsemi.data.formats.registry import FORMAT_NAMES
@@ -54,25 +56,39 @@ def _synthetic_splits(cfg: Config) -> Splits:
 
 
 def _folder_splits(cfg: Config) -> Splits:
+    """The splits of a dataset folder, after ``data check`` (``data.check``). Unlabelled images need no mask:
+    a missing one is a warning there, printed here; an error refuses training and says how to skip the check."""
     data = cfg.data
     if not data.root:
         raise ConfigError(f"data.format={data.format} needs data.root (the dataset folder)")
+    try:
+        splits = build_2d(
+            data.format,
+            data.root,
+            # generic format: lb_domain 0 = use splits.json as written
+            lb_domain=None if data.format == "generic" and data.lb_domain == 0 else data.lb_domain,
+            lb_num=data.lb_num,
+            lb_ratio=data.lb_ratio,
+            patch_size=data.patch_size,
+            val_fraction=data.val_fraction,
+            split_seed=data.split_seed,
+            list_dir=data.list_dir or None,
+        )
+        failure: Exception | None = None
+    except (OSError, ValueError) as err:  # the check below explains bad data better, when it finds it
+        splits, failure = None, err
     if data.check:
-        report = check_dataset(data.root, data.format)
+        unlabelled = getattr(splits.unlabelled, "image_paths", []) if splits is not None else []
+        report = check_dataset(data.root, data.format, mask_optional=unlabelled)
         if report.errors:
             raise DataError(
-                f"refusing to train on {data.root}: `medsemi data check` found "
-                f"{len(report.errors)} error(s):\n" + report.to_text()
+                f"refusing to train on {data.root}: `medsemi data check` found {len(report.errors)} error(s) "
+                f"(fix them, or set data.check=false to train without this check):\n" + report.to_text()
             )
-    return build_2d(
-        data.format,
-        data.root,
-        # generic format: lb_domain 0 = use splits.json as written
-        lb_domain=None if data.format == "generic" and data.lb_domain == 0 else data.lb_domain,
-        lb_num=data.lb_num,
-        lb_ratio=data.lb_ratio,
-        patch_size=data.patch_size,
-        val_fraction=data.val_fraction,
-        split_seed=data.split_seed,
-        list_dir=data.list_dir or None,
-    )
+        maskless = [w for w in report.warnings if w.code == "missing_mask"]
+        if maskless:
+            print(f"warning: {len(maskless)} unlabelled image(s) in {data.root} have no mask (fine: unlabelled "
+                  f"images need none), e.g. {maskless[0].path}", file=sys.stderr)
+    if failure is not None:
+        raise failure
+    return splits

@@ -106,14 +106,14 @@ class UniMatchOptions(MethodOptions):
     threshold: float = 0.95  # τ
     teacher: str = "student"  # student (UniMatch: own weak prediction, detached) | ema
     second_view: str = "augment"  # augment (independent spec 2.6 strong view of u_w) | same (reuse u_s)
-    cutmix: bool = True
+    cutmix: bool = True  # cut-mix a box of a second unlabelled image into each strong view
     cutmix_prob: float = 0.5  # UniMatch medical: a box with probability 0.5
-    feature_perturbation: bool = True
-    fp_dropout: float = 0.5
+    feature_perturbation: bool = True  # the dropout-perturbed feature stream (UniMatch FP)
+    fp_dropout: float = 0.5  # channel dropout rate of the feature-perturbation stream
     sup_weight: float = 0.5  # UniMatch: loss_x = (CE + Dice) / 2
-    weight_s1: float = 0.25
-    weight_s2: float = 0.25
-    weight_fp: float = 0.5
+    weight_s1: float = 0.25  # weight of the first strong view's loss
+    weight_s2: float = 0.25  # weight of the second strong view's loss
+    weight_fp: float = 0.5  # weight of the feature-perturbation loss
     scale: float = 0.5  # the final "/ 2"
     unsup_loss: str = "dice"  # dice (UniMatch medical) | ce+dice | ce
     mask_background: bool = True  # the ignore mask applies to every class (UniMatch DiceLoss)

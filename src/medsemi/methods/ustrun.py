@@ -33,10 +33,10 @@ LQ_MODES = ("loss", "forward_only", "off")
 class USTRUNOptions(IntermediateOptions):
     name: str = "ustrun"
     queue: bool = True  # reliable-sample queue as extra paste sources (step 2, 11)
-    queue_length: int = 10
+    queue_length: int = 10  # capacity of the reliable-sample queue
     queue_fraction: float = 0.5  # at most floor(0.5 * B) sources come from the queue
     theta_init: float = 0.1  # adaptive threshold: initial value and cap
-    theta_growth: float = 1.0005
+    theta_growth: float = 1.0005  # adaptive threshold: factor applied at each update (capped at theta_init)
     # unreliable-sample branch (steps 9-10): "loss" = the paper (its output joins L_ul);
     # "forward_only" = the released code (forward runs, output discarded); "off" = skipped
     lq_mode: str = "loss"

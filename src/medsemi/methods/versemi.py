@@ -62,11 +62,11 @@ class VerSemiOptions(MethodOptions):
     name: str = "versemi"
     pipeline: str = "two_stage"  # two_stage | released_main | stage1_only | stage2_only | supervised
     stage1_iterations: int = 0  # two_stage: steps of stage 1; 0 -> round(stage1_fraction * iterations)
-    stage1_fraction: float = 0.5
+    stage1_fraction: float = 0.5  # share of train.iterations spent in stage 1 (when stage1_iterations is 0)
     reset_optimizer_at_stage2: bool = True  # fresh Adam at the stage boundary (weights are kept)
     stage1_box_ratio: float = 2.0 / 3.0  # spec 3.1 step 3 (side = int(patch * ratio), 64 at 96)
     stage2_box_ratio_range: tuple[float, float] = (0.3, 0.6)  # spec 3.2 steps 2-3, one draw per mask
-    w_sup: float = 1.0
+    w_sup: float = 1.0  # weight of the labelled per-task supervised loss
     w_chaos: float = 1.0  # labelled synthetic CutMix (stage-1 L_chaos, stage-2 L_chaos_sup)
     w_spec: float = 1.0  # task-specific constraint on the composite (stage 1)
     w_unsup: float = 1.0  # unlabelled consistency Dice(p5, max_t p_t) (stage 2)

@@ -24,29 +24,27 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
 
 import medsemi
-from medsemi.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config, read_raw_config
+from medsemi.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    find_config,
+    load_config,
+    read_raw_config,
+)
 from medsemi.data.volumes.cases import TASK_NAMES
+from medsemi.engine.trainer import format_eta
 from medsemi.families.volumes import VOLUME_FORMATS
 from medsemi.workflows.references import load_references, render_references
 
 METRICS = ("dice", "jaccard", "hd95", "asd")
-
-
-def find_config(path: str | Path) -> Path:
-    """A config path as given, or relative to the repository's ``configs/`` folder."""
-    path = Path(path)
-    if path.exists():
-        return path
-    repo = Path(medsemi.__file__).resolve().parents[2]
-    for candidate in (repo / path, repo / "configs" / path):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"config not found: {path}")
 
 
 def method_overrides(method: str) -> list[str]:
@@ -216,13 +214,16 @@ def _cell(rows: list[dict], method: str, scope: str, metric: str) -> str:
     sel = [r for r in rows if r["method"] == method and r["scope"] == scope and r["metric"] == metric]
     if not sel:
         return "—"
-    return " / ".join(f"{r['mean']:.3f}±{r['sd']:.3f}" if not math.isnan(r["mean"]) else "—" for r in sel)
+    return " / ".join("—" if math.isnan(r["mean"]) else f"{r['mean']:.3f}" if r["n"] < 2
+                      else f"{r['mean']:.3f}±{r['sd']:.3f}" for r in sel)  # no "± 0.000" for one seed
 
 
 def render_markdown(rows: list[dict], methods: list[str], protocol: str, setting: str) -> str:
     scopes = list(dict.fromkeys(r["scope"] for r in rows))
     classes = list(dict.fromkeys(r["class"] for r in rows))
-    lines = [f"### {protocol} ({setting}; cells: {' / '.join(classes)}, mean±sd over seeds)", ""]
+    seeds = max((r["n"] for r in rows), default=0)
+    stat = "mean±sd over seeds" if seeds > 1 else "one seed, no spread"
+    lines = [f"### {protocol} ({setting}; cells: {' / '.join(classes)}, {stat})", ""]
     header = " | ".join(f"Dice {s}" for s in scopes)
     lines.append(f"| method | {header} | Jaccard macro | HD95 macro | ASD macro |")
     lines.append("|---" * (len(scopes) + 4) + "|")
@@ -263,7 +264,8 @@ def bar_chart(rows: list[dict], methods: list[str], path: Path, title: str) -> N
             sel = [r for r in dice if r["method"] == m and r["scope"] == s]
             means.append(np.nanmean([r["mean"] for r in sel]) if sel else 0.0)
             sds.append(np.nanmean([r["sd"] for r in sel]) if sel else 0.0)
-        ax.bar(np.arange(len(scopes)) + i * width, means, width, yerr=sds, label=m, capsize=2)
+        one_seed = all(r["n"] < 2 for r in dice if r["method"] == m)
+        ax.bar(np.arange(len(scopes)) + i * width, means, width, yerr=None if one_seed else sds, label=m, capsize=2)
     ax.set_xticks(np.arange(len(scopes)) + width * (len(methods) - 1) / 2, scopes)
     ax.set_ylabel("Dice (mean over classes)")
     ax.set_ylim(0, 1)
@@ -285,6 +287,8 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
     """Train every method for every seed, then write the comparison; published numbers of the same setting
     from ``references`` (default: :func:`default_references`) are printed beside ours
     (:mod:`medsemi.workflows.references` says when a setting matches)."""
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
     config = find_config(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,19 +301,24 @@ def compare_methods(config: str | Path, methods: list[str], seeds: int, out: str
                 check_reusable(out / run_folder(method, task, seed),
                                run_config(config, method, base.seed + seed, overrides, task))
     results: dict[str, list[dict]] = {m: [] for m in methods}
+    total = seeds * sum(len(method_tasks(m, base.data.format, base_task)) for m in methods)
+    k, durations = 0, []
     for method in methods:
         tasks = method_tasks(method, base.data.format, base_task)
         for seed in range(seeds):
-            if tasks == [""]:
-                run_dir = out / run_folder(method, "", seed)
-                results[method].append(train_and_evaluate(config, method, base.seed + seed, run_dir, overrides))
-                continue
-            per_task = {
-                task: train_and_evaluate(config, method, base.seed + seed, out / run_folder(method, task, seed),
-                                         overrides, task)
-                for task in tasks
-            }
-            results[method].append(merge_tasks(per_task))
+            per_task: dict[str, dict] = {}
+            for task in tasks:
+                run_dir = out / run_folder(method, task, seed)
+                k += 1
+                reused = (run_dir / "eval.json").exists()
+                eta = f", ETA {format_eta(np.mean(durations) * (total - k + 1))}" if durations else ""
+                print(f"run {k} of {total}: {method}{f' on {task}' if task else ''} seed {base.seed + seed} -> "
+                      f"{run_dir}{' (finished earlier: reused)' if reused else ''}{eta}", flush=True)
+                tic = time.perf_counter()
+                per_task[task] = train_and_evaluate(config, method, base.seed + seed, run_dir, overrides, task)
+                if not reused:
+                    durations.append(time.perf_counter() - tic)
+            results[method].append(per_task[""] if tasks == [""] else merge_tasks(per_task))
     rows = []
     volumes = base.data.format in VOLUME_FORMATS
     setting = "3D tasks: multi-task methods once on all tasks, single-task methods once per task" if volumes \
@@ -347,15 +356,16 @@ def run_demo(out: str | Path | None = None, quick: bool = False) -> dict:
     overrides = ["train.iterations=20", "train.eval_every=10", "data.synthetic.train_per_domain=12"] if quick else []
     summary = compare_methods("configs/demo.yaml", methods, 1, out, overrides)
     rows = [r for r in summary["rows"] if r["protocol"] == "best_test" and r["metric"] == "dice"]
-    if len(methods) == 2:
-        for scope in dict.fromkeys(r["scope"] for r in rows):
-            sup = np.nanmean([r["mean"] for r in rows if r["method"] == "supervised" and r["scope"] == scope])
-            ust = np.nanmean([r["mean"] for r in rows if r["method"] == "ustrun" and r["scope"] == scope])
-            print(f"Dice {scope:10s} supervised {sup:.3f}  UST-RUN {ust:.3f}  gain {ust - sup:+.3f}")
     out = Path(out)
     for method in methods:
         report = out / f"{method}-seed0" / "report.md"
         section = report.read_text().split("\n## best_test")[1].split("\n## ")[0]
         print(f"\n{method}, best_test{section.rstrip()}")  # per domain and class: Dice, Jaccard, HD95, ASD
         print(f"report: {report} (curves.png, overlays/ beside it)")
+    if len(methods) == 2:  # the summary comes last, where the reader's eye lands
+        print("\nDemo summary: best-on-test Dice (mean over classes), one seed")
+        for scope in dict.fromkeys(r["scope"] for r in rows):
+            sup = np.nanmean([r["mean"] for r in rows if r["method"] == "supervised" and r["scope"] == scope])
+            ust = np.nanmean([r["mean"] for r in rows if r["method"] == "ustrun" and r["scope"] == scope])
+            print(f"Dice {scope:10s} supervised {sup:.3f}  UST-RUN {ust:.3f}  gain {ust - sup:+.3f}")
     return summary

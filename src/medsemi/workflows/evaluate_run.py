@@ -94,6 +94,7 @@ def evaluate_run(
     dev = resolve_device(device)
     family = family or build_family(cfg)
     results: dict[str, Any] = {}
+    overlays: list[Path] = []
     for role in which:
         loaded = load_network(run_dir, role, cfg, family.info, dev)
         if loaded is None:
@@ -104,7 +105,7 @@ def evaluate_run(
         res["iteration"] = iteration
         results[role] = res
         if role == "best_test" or (role == "last_student" and "best_test" not in results):
-            family.write_overlays(model, cfg, dev, out / "overlays")
+            overlays = family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
     curves = plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
@@ -142,5 +143,6 @@ def evaluate_model_file(
     res["file"] = str(path)
     results = {role: res}
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "report.md").write_text(render_report(cfg, results, family))
+    links = [p.relative_to(out).as_posix() for p in overlays]
+    (out / "report.md").write_text(render_report(cfg, results, family, overlays=links))
     return results

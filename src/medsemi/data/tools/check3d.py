@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsemi.data.volumes.cases import case_path
+from medsemi.data.volumes.cases import case_path, task_id_from_name
 
 
 def _check_file(path: Path, allowed_labels: Sequence[int], require_label: bool) -> list[str]:
@@ -97,3 +97,46 @@ def check_volumes(
     for p in files:
         problems.extend(_check_file(p, tuple(allowed_labels), require_label))
     return problems
+
+
+def summarise_volumes(root: str | Path) -> dict:
+    """Counts, shapes, spacing and label values of the ``*.h5`` cases under ``root``, per task (spec 1.2's
+    file-name rule), for ``medsemi data check --format versemi``."""
+    import h5py
+
+    tasks: dict[str, dict] = {}
+    for path in sorted(Path(root).glob("*.h5")) if Path(root).is_dir() else []:
+        task = f"task {task_id_from_name(path)}"
+        t = tasks.setdefault(task, {"cases": 0, "with_label": 0, "shapes": set(), "spacings": set(),
+                                    "label_values": set()})
+        t["cases"] += 1
+        try:
+            with h5py.File(path, "r") as f:
+                if "image" in f and hasattr(f["image"], "shape"):
+                    t["shapes"].add(tuple(int(s) for s in f["image"].shape))
+                if "spacing" in f.attrs:
+                    t["spacings"].add(tuple(round(float(s), 3) for s in np.asarray(f.attrs["spacing"]).ravel()))
+                if "label" in f and hasattr(f["label"], "shape"):
+                    t["with_label"] += 1
+                    t["label_values"].update(int(v) for v in np.unique(f["label"][()]).tolist())
+        except OSError:
+            continue  # reported by check_volumes
+    return {
+        task: {"cases": t["cases"], "with_label": t["with_label"], "shapes": sorted(map(list, t["shapes"])),
+               "spacings": sorted(map(list, t["spacings"])), "label_values": sorted(t["label_values"])}
+        for task, t in tasks.items()
+    }
+
+
+def summary_text(root: str | Path, summary: dict, problems: list[str]) -> str:
+    """The ``data check`` table of a volume folder: one row per task, then every problem."""
+    lines = [f"{root} (versemi): {sum(t['cases'] for t in summary.values())} case(s), {len(problems)} problem(s)",
+             f"  {'task':<12}{'cases':>6}{'labels':>7}  shapes (DxHxW)  spacing (mm)  label values"]
+    for task, t in summary.items():
+        shapes = ", ".join("x".join(map(str, s)) for s in t["shapes"][:3]) + (" ..." if len(t["shapes"]) > 3 else "")
+        spacing = ", ".join("x".join(f"{v:g}" for v in s) for s in t["spacings"][:2]) or "-"
+        lines.append(f"  {task:<12}{t['cases']:>6}{t['with_label']:>7}  {shapes or '-'}  {spacing}  "
+                     f"{t['label_values'] or '-'}")
+    if problems:
+        lines += ["", "PROBLEMS", *(f"  {p}" for p in problems)]
+    return "\n".join(lines)

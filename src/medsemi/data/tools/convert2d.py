@@ -101,7 +101,8 @@ def convert_to_generic(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{out} is not empty (pass overwrite=True)")
+            raise FileExistsError(f"{out} is not empty; choose an empty folder, or pass --overwrite "
+                                  "(overwrite=True) to replace its imagesTr/labelsTr/imagesTs/labelsTs")
         for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
             shutil.rmtree(out / sub, ignore_errors=True)
     sl = split_lists(fmt, root, lb_domain, lb_num, lb_ratio, val_fraction, split_seed, list_dir)

@@ -1,0 +1,70 @@
+"""Issue 17: curves.png shows per-domain Dice on a 0-1 axis and the unlabelled loss terms; overlays show the
+first and the worst cases with ground truth and prediction."""
+
+import numpy as np
+import torch
+from torch import nn
+
+from medsemi.data.contract import LabelSpec
+from medsemi.evaluation.report import case_dice, curves_figure, pick_cases, render_report, write_overlays
+
+
+def test_curves_show_domains_on_a_unit_axis_and_unlabelled_terms():
+    records = [{"kind": "train", "iteration": i, "loss": 1.0 / i, "loss_sup": 0.5 / i, "loss_ul": 0.3 / i}
+               for i in (1, 2)]
+    records += [{"kind": "eval", "iteration": 2, "test_student_dice": 0.5, "test_student_dice_siteA": 0.4,
+                 "test_student_dice_siteB": 0.6, "best_test_dice": 0.5}]
+    fig = curves_figure(records)
+    losses, dice = fig.axes[0], fig.axes[1]
+    assert {t.get_text() for t in losses.get_legend().get_texts()} == {"loss", "loss_sup", "loss_ul"}
+    assert {t.get_text() for t in dice.get_legend().get_texts()} == {"macro mean", "siteA", "siteB"}
+    assert dice.get_ylim() == (0.0, 1.0)
+
+
+def test_pick_cases_first_and_worst():
+    assert pick_cases([0.9, 0.2, 0.5, 0.1], 2) == ([0, 1], [3, 1])
+    assert pick_cases([0.3], 4) == ([0], [0])
+    both = np.zeros((2, 4, 4), bool)
+    assert case_dice(both, both) == 1.0
+    a = both.copy()
+    a[0, :2] = True
+    assert case_dice(a, a) == 1.0 and case_dice(a, both) == 0.5  # class 0: 0, class 1 (both empty): 1
+
+
+class Oracle(nn.Module):
+    """Predicts the label stored in the image's second channel (so the Dice of each case is known)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = (x[:, 1:2] > 0).float()
+        return torch.cat([1 - fg, fg], 1) * 10
+
+
+def test_overlays_are_written_and_linked(tmp_path, monkeypatch):
+    spec = LabelSpec("exclusive", ("background", "organ"))
+    label = torch.zeros(3, 16, 16, dtype=torch.long)
+    label[:, 4:10, 4:10] = 1
+    image = torch.full((3, 2, 16, 16), -1.0)
+    image[:, 1, 4:10, 4:10] = 1.0
+    image[2, 1] = -1.0  # case 2 is predicted empty: the worst
+    data = {"siteA": {"image": image, "label": label, "name": ["a", "b", "c"]}}
+    paths = write_overlays(Oracle(), data, spec, tmp_path / "overlays", count=1)
+    assert [p.name for p in paths] == ["siteA.png"] and paths[0].stat().st_size > 1000
+
+    class Info:
+        name = "toy"
+
+    class Fam:
+        info = Info()
+
+        def summary(self):
+            return {}
+
+    from medsemi.config import load_config
+
+    cfg = load_config(None)
+    res = {"best_test": {"mean_over_classes": {"dice": 0.5}, "per_domain": {}, "macro": {}, "iteration": 1}}
+    import medsemi.evaluation.report as report
+
+    monkeypatch.setattr(report, "format_table", lambda res, metrics: "")
+    text = render_report(cfg, res, Fam(), overlays=["overlays/siteA.png"])
+    assert "](overlays/siteA.png)" in text
