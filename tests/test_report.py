@@ -52,6 +52,7 @@ def test_overlays_are_written_and_linked(tmp_path, monkeypatch):
 
     class Info:
         name = "toy"
+        extra: dict = {}
 
     class Fam:
         info = Info()
@@ -65,6 +66,6 @@ def test_overlays_are_written_and_linked(tmp_path, monkeypatch):
     res = {"best_test": {"mean_over_classes": {"dice": 0.5}, "per_domain": {}, "macro": {}, "iteration": 1}}
     import medsemi.evaluation.report as report
 
-    monkeypatch.setattr(report, "format_table", lambda res, metrics: "")
+    monkeypatch.setattr(report, "format_table", lambda res, metrics, **kw: "")
     text = render_report(cfg, res, Fam(), overlays=["overlays/siteA.png"])
     assert "](overlays/siteA.png)" in text

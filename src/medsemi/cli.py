@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write OUT_DIR/model.onnx or model.pt, preprocessing.json and a README with "
                        "a runnable example. Example: medsemi export runs/x/checkpoints/best_test.pt exported/")
     p.add_argument("checkpoint", help="a model checkpoint (best_test.pt, best_val.pt; not last.pt)")
-    p.add_argument("out_dir")
-    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
+    p.add_argument("out_dir", help="folder for the exported model, preprocessing.json and README.md")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                   help="onnx (onnxruntime; needs the export extra) or torchscript (torch.jit.load)")
     p.add_argument("--task", help="3D task-prompted models: a task id, or 'all' for one sub-folder per task")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     p.set_defaults(func=cmd_export, parser=p)

@@ -112,7 +112,8 @@ def evaluate_run(
     if curves is not None and out.resolve() != run_dir.resolve():
         shutil.copyfile(curves, out / "curves.png")  # report.md links it beside itself
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
-    (out / "report.md").write_text(render_report(cfg, results, family))
+    links = [p.relative_to(out).as_posix() for p in overlays]
+    (out / "report.md").write_text(render_report(cfg, results, family, overlays=links))
     return results
 
 
@@ -143,6 +144,5 @@ def evaluate_model_file(
     res["file"] = str(path)
     results = {role: res}
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
-    links = [p.relative_to(out).as_posix() for p in overlays]
-    (out / "report.md").write_text(render_report(cfg, results, family, overlays=links))
+    (out / "report.md").write_text(render_report(cfg, results, family))
     return results
