@@ -23,11 +23,13 @@ from medsemi.methods.ustrun import USTRUN, USTRUNOptions
 from medsemi.nets.unet2d import UNet2D
 
 SIZE, B = 32, 4
-# max/200 = 0.125 is exact in binary, so the ramp's floor(k / (max/200)) and Python's k // (max/200)
-# agree here (they differ at e.g. max = 10: 1 // 0.05 == 19.0); iterations jump to mid-training so
-# that t = k/max and w are far from 0 while the first steps still cover the EMA copy at k = 0.
-MAX_ITER = 25
-ITERS = [0, 1, 2, 3, 12, 13]
+# max = 10: max/200 = 0.05 is not exact in binary, so Python's k // (max/200), which the original uses and
+# the method follows, differs from floor(k / (max/200)) (1 // 0.05 == 19.0, not 20); the reference uses //
+# too, so this also checks that the ramp follows the original's float floor division. Iterations go to
+# the end of training so that t = k/max and w are far from 0, while the first steps still cover the EMA
+# copy at k = 0.
+MAX_ITER = 10
+ITERS = [0, 1, 2, 3, 7, 8]
 SPECS = {
     "exclusive": LabelSpec("exclusive", ("background", "organ")),
     "multilabel": LabelSpec("multilabel", ("cup", "disc")),
