@@ -29,7 +29,7 @@ def test_two_rank_training_keeps_ranks_identical(tmp_path, tiny_overrides):
     """))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", str(script)],
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(script)],  # standalone: a free port
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

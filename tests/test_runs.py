@@ -84,3 +84,14 @@ def test_unreadable_last_checkpoint_is_a_failed_run(tmp_path, runs_root):
     [summary] = list_runs(tmp_path)
     assert summary.status == "failed" and "last.pt" in summary.note
     assert "broken" in runs_table([summary])
+
+
+def test_unreadable_last_checkpoint_with_a_readable_previous_one_is_resumable(tmp_path, runs_root):
+    import shutil
+
+    run = tmp_path / "fallback"
+    shutil.copytree(runs_root / "stopped", run)
+    shutil.copyfile(run / "checkpoints" / "last.pt", run / "checkpoints" / "last.prev.pt")
+    (run / "checkpoints" / "last.pt").write_bytes(b"garbage")
+    [summary] = list_runs(tmp_path)
+    assert summary.status == "interrupted" and summary.iteration == 2 and "last.prev.pt" in summary.note

@@ -10,7 +10,8 @@ What is read, none of it able to run code:
 
 Status: ``finished`` (last.pt at the configured iterations), ``interrupted`` (last.pt before them:
 ``medsemi train --resume DIR`` continues; a run still training also looks like this), ``failed`` (files
-but no readable ``last.pt``: nothing to resume from).
+but neither a readable ``last.pt`` nor a readable ``last.prev.pt``, the one resume falls back to: nothing
+to resume from).
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def summarise_run(run_dir: Path, root: Path) -> RunSummary:
             state = load_checkpoint(last_pt, mmap=True)
         except CheckpointError as err:
             note = str(err)
+    previous = run_dir / "checkpoints" / "last.prev.pt"
+    if state is None and previous.is_file():  # `train --resume` falls back to it
+        try:
+            state = load_checkpoint(previous, mmap=True)
+            note = "last.pt missing or unreadable: resumes from last.prev.pt"
+        except CheckpointError:
+            pass
     iteration = int(state["iteration"]) if state and "iteration" in state else None
     records = _read_metrics(run_dir / "metrics.jsonl", iteration)
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -108,7 +116,7 @@ def summarise_run(run_dir: Path, root: Path) -> RunSummary:
     if state is None:
         status = "failed"
         iteration = max((int(r.get("iteration", 0)) for r in records), default=0) if records else None
-        note = note or "no checkpoints/last.pt: cannot be resumed"
+        note = note or "no checkpoints/last.pt or last.prev.pt: cannot be resumed"
     elif total is not None and iteration is not None and iteration >= int(total):
         status = "finished"
     else:
