@@ -1,5 +1,7 @@
 """CPS (methods/cps.py) and UA-MT (methods/uamt.py) against slow references of their losses, plus the
-options, the second network's life in the engine, and a 2D CPU run on the synthetic data."""
+options, the second network's life in the engine, and a 2D CPU run on the synthetic data; the same
+classes on volumes (cps3d, uamt3d, mean_teacher3d with the 3D lineage's defaults) against the same
+references, voxel-wise (bcp3d's reference is in test_baselines.py)."""
 
 from __future__ import annotations
 
@@ -51,23 +53,22 @@ def unet(info: DatasetInfo, seed: int) -> UNet2D:
 
 # ---------------------------------------------------------------------------------------------- CPS
 def _hard_ce_reference(logits: torch.Tensor, other: torch.Tensor, spec: LabelSpec) -> torch.Tensor:
-    """Slow CE of ``logits`` against the hard labels of ``other``: a loop over pixels."""
-    z, o = logits.double(), other.double()
-    b, c = z.shape[:2]
+    """Slow CE of ``logits`` against the hard labels of ``other``: a loop over pixels (or voxels)."""
+    b, c = logits.shape[:2]
+    z, o = logits.double().reshape(b, c, -1), other.double().reshape(b, c, -1)
     total, n = 0.0, 0
     for i in range(b):
-        for y in range(z.shape[2]):
-            for x in range(z.shape[3]):
-                if spec.multilabel:
-                    for k in range(c):
-                        t = 1.0 if torch.sigmoid(o[i, k, y, x]) >= 0.5 else 0.0
-                        p = torch.sigmoid(z[i, k, y, x])
-                        total += -(t * math.log(p) + (1 - t) * math.log(1 - p))
-                        n += 1
-                else:
-                    t = int(o[i, :, y, x].argmax())
-                    total += -float(torch.log_softmax(z[i, :, y, x], 0)[t])
+        for j in range(z.shape[2]):
+            if spec.multilabel:
+                for k in range(c):
+                    t = 1.0 if torch.sigmoid(o[i, k, j]) >= 0.5 else 0.0
+                    p = torch.sigmoid(z[i, k, j])
+                    total += -(t * math.log(p) + (1 - t) * math.log(1 - p))
                     n += 1
+            else:
+                t = int(o[i, :, j].argmax())
+                total += -float(torch.log_softmax(z[i, :, j], 0)[t])
+                n += 1
     return torch.tensor(total / n, dtype=torch.float64)
 
 
@@ -147,7 +148,8 @@ def _uamt_reference(method: UAMT, lab, unl, progress: Progress, seed: int) -> to
     u = unl["image"]
     b = u.shape[0]
     with torch.no_grad():
-        sup = seg_loss(method.student(lab["image"]), lab["label"], None, spec)[0].double()
+        sup = seg_loss(method.student(lab["image"]), lab["label"], None, spec,
+                       skip_background=getattr(opt, "sup_dice", "all") == "foreground")[0].double()
         target_in = u + (torch.randn(u.shape, generator=g) * 0.1).clamp(-0.2, 0.2)
         t_logits = method.teacher(target_in).double()
         preds = []
@@ -228,3 +230,89 @@ def test_2d_run_loss_goes_down(tmp_path, tiny_overrides, name: str) -> None:
         state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
         assert any(k.startswith("peer.") for k in state["method"])
         assert not any(k.startswith("teacher.") for k in state["method"])
+
+
+# --------------------------------------------------------------------- the same classes on volumes (3D)
+SHAPE_3D = (32, 16, 16)  # the VNet's four stride-2 levels need multiples of 16 (InstanceNorm: > 1 voxel)
+
+
+def _volume_case(seed: int = 0):
+    from medsemi.nets.vnet import SegVNet
+
+    info = DatasetInfo("toy3d", 1, LabelSpec("exclusive", ("background", "organ")), ("la",), SHAPE_3D)
+    g = torch.Generator().manual_seed(seed)
+    lab = {"image": torch.rand((2, 1, *SHAPE_3D), generator=g) * 2 - 1,
+           "label": torch.randint(0, 2, (2, *SHAPE_3D), generator=g)}
+    weak = torch.rand((2, 1, *SHAPE_3D), generator=g) * 2 - 1
+
+    def vnet(s: int) -> SegVNet:
+        torch.manual_seed(s)
+        return SegVNet(1, 2, base_filters=2)
+
+    return info, lab, {"image": weak, "strong": weak.flip(-1)}, vnet
+
+
+def test_cps3d_loss_matches_reference() -> None:
+    from medsemi.methods.cps import CPS3D, CPS3DOptions
+
+    info, lab, unl, vnet = _volume_case()
+    spec = info.label_spec
+    method = CPS3D(CPS3DOptions(), vnet(0), None, info, peer=vnet(1))
+    progress = Progress(300, 1000)
+    out = method.train_step(lab, unl, progress)
+    with torch.no_grad():
+        f1, f2 = method.student, method.peer
+        sup = seg_loss(f1(lab["image"]), lab["label"], None, spec)[0] + seg_loss(f2(lab["image"]), lab["label"],
+                                                                                 None, spec)[0]
+        z1, z2 = f1(unl["image"]), f2(unl["image"])
+        cps_1, cps_2 = _hard_ce_reference(z1, z2, spec), _hard_ce_reference(z2, z1, spec)
+    w = 0.1 * consistency_weight(300, 1000, method.options.ramp_epochs)
+    assert torch.allclose(out.logs["loss_cps"].double(), cps_1, atol=1e-5)
+    assert torch.allclose(out.logs["loss_cps_peer"].double(), cps_2, atol=1e-5)
+    assert torch.allclose(out.loss.detach().double(), sup.double() + w * (cps_1 + cps_2), atol=1e-5)
+
+
+def test_uamt3d_loss_matches_reference() -> None:
+    """UA-MT on volumes: the 3D lineage's defaults (foreground Dice, 40-epoch ramp) against the slow
+    reference, whose supervised term uses the foreground Dice as the options say."""
+    from medsemi.methods.uamt import UAMT3D, UAMT3DOptions
+
+    info, lab, unl, vnet = _volume_case(1)
+    teacher = vnet(1)
+    teacher.requires_grad_(False)
+    method = UAMT3D(UAMT3DOptions(), vnet(0), teacher, info)
+    assert method.options.sup_dice == "foreground" and method.options.ramp_epochs == 40
+    method.generator = torch.Generator().manual_seed(7)
+    progress = Progress(600, 1000)
+    out = method.train_step(lab, unl, progress)
+    ref = _uamt_reference(method, lab, unl, progress, seed=7)
+    assert torch.allclose(out.loss.detach().double(), ref, atol=1e-5), (out.loss, ref)
+    assert 0.0 < float(out.logs["mask_ratio"]) <= 1.0
+
+
+def test_mean_teacher3d_loss_matches_reference() -> None:
+    """Mean Teacher on volumes with the 3D lineage's defaults: CE + foreground Dice, the teacher on
+    u + clamp(0.1·N(0, 1), ±0.2), the student on u, MSE of softmax probabilities, λ = 0.1 with a
+    40-epoch sigmoid ramp; the consistency written out voxel-wise here."""
+    from medsemi.methods.mean_teacher import MeanTeacher3D, MeanTeacher3DOptions
+
+    info, lab, unl, vnet = _volume_case(2)
+    teacher = vnet(1)
+    teacher.requires_grad_(False)
+    method = MeanTeacher3D(MeanTeacher3DOptions(), vnet(0), teacher, info)
+    method.generator = torch.Generator().manual_seed(5)
+    progress = Progress(400, 1000)
+    out = method.train_step(lab, unl, progress)
+    g = torch.Generator().manual_seed(5)
+    u = unl["image"]
+    with torch.no_grad():
+        sup = seg_loss(method.student(lab["image"]), lab["label"], None, info.label_spec,
+                       skip_background=True)[0].double()
+        t = torch.softmax(teacher(u + (torch.randn(u.shape, generator=g) * 0.1).clamp(-0.2, 0.2)).double(), 1)
+        s = torch.softmax(method.student(u).double(), 1)
+    cons = sum(float((s[i, k, d, h, w] - t[i, k, d, h, w]) ** 2) for i in range(2) for k in range(2)
+               for d in range(0, SHAPE_3D[0]) for h in range(SHAPE_3D[1]) for w in range(SHAPE_3D[2]))
+    cons /= s.numel()
+    w = 0.1 * consistency_weight(400, 1000, 40)
+    assert abs(float(out.logs["loss_cons"]) - cons) < 1e-6
+    assert torch.allclose(out.loss.detach().double(), sup + w * cons, atol=1e-5)
