@@ -1,10 +1,11 @@
 """What a run's report shows: ``report.md`` text, ``curves.png`` and prediction overlays
-(``overlays/<domain>.png``). :mod:`medsemi.workflows.evaluate_run` evaluates a run and writes them."""
+(``overlays/<domain>.png``, ``overlays/<task>.png`` for volumes). :mod:`medsemi.workflows.evaluate_run` evaluates a run and writes them."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +117,54 @@ def _draw(ax: Any, rgb: np.ndarray, masks: np.ndarray, title: str) -> None:
     ax.set_yticks([])
 
 
-def write_overlays(
-    model: nn.Module, test_data: dict[str, dict], spec: LabelSpec, out_dir: Path, count: int
-) -> list[Path]:
-    """One picture per test domain, ``out_dir/<domain>.png``: the first ``count`` cases and the ``count``
-    worst (lowest Dice), each as ground truth beside prediction, classes in distinct colours, with a legend,
-    the case name and its Dice."""
+@dataclass
+class OverlayCase:
+    """One tile pair of an overlay page: the picture, per-class ground-truth and predicted masks
+    ``(F, H, W)`` bool, and the case's Dice (mean over classes)."""
+
+    name: str
+    rgb: np.ndarray
+    gt: np.ndarray
+    pred: np.ndarray
+    dice: float
+
+
+def overlay_page(cases: list[OverlayCase], count: int, class_names: tuple[str, ...], title: str,
+                 path: Path) -> Path | None:
+    """``path``: the first ``count`` cases and the ``count`` worst (lowest Dice), each as ground truth beside
+    prediction, classes in distinct colours, with a legend, the case name and its Dice (None: no cases)."""
+    if not cases or count <= 0:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    names = spec.foreground_names
-    handles = [Patch(color=CLASS_COLOURS[c % len(CLASS_COLOURS)], label=n) for c, n in enumerate(names)]
+    handles = [Patch(color=CLASS_COLOURS[c % len(CLASS_COLOURS)], label=n) for c, n in enumerate(class_names)]
+    first, worst = pick_cases([c.dice for c in cases], count)
+    fig, axes = plt.subplots(2, 2 * len(first), figsize=(3.2 * len(first) + 0.5, 4.2), squeeze=False)
+    for row, (kind, picks) in enumerate((("first", first), ("worst", worst))):
+        for j, i in enumerate(picks):
+            case = cases[i]
+            label = f"{kind}: {case.name}" if len(case.name) <= 24 else f"{kind}:\n{case.name}"  # fits the tile
+            _draw(axes[row, 2 * j], case.rgb, case.gt, f"{label}\nground truth")
+            _draw(axes[row, 2 * j + 1], case.rgb, case.pred, f"prediction\nDice {case.dice:.3f}")
+            axes[row, 2 * j + 1].legend(handles=handles, fontsize=5, loc="lower right", framealpha=0.7,
+                                        handlelength=1, borderpad=0.3)
+    fig.suptitle(f"{title}: first {len(first)} and worst {len(worst)} test cases (Dice = mean over classes)",
+                 fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_overlays(
+    model: nn.Module, test_data: dict[str, dict], spec: LabelSpec, out_dir: Path, count: int
+) -> list[Path]:
+    """One picture per test domain, ``out_dir/<domain>.png`` (:func:`overlay_page`)."""
     written = []
     for domain, data in test_data.items():
         total = len(data["image"])
@@ -139,26 +173,27 @@ def write_overlays(
         pred = predict_labels(model, data["image"], spec, batch_size=max(1, min(total, 16)))
         pred_bin = spec.to_binary(pred).cpu().numpy()
         gt_bin = spec.to_binary(data["label"]).cpu().numpy()
-        dice = [case_dice(pred_bin[i], gt_bin[i]) for i in range(total)]
-        first, worst = pick_cases(dice, count)
-        rows = [("first", first), ("worst", worst)]
-        fig, axes = plt.subplots(2, 2 * len(first), figsize=(3.2 * len(first) + 0.5, 4.2), squeeze=False)
-        for row, (kind, picks) in enumerate(rows):
-            for j, i in enumerate(picks):
-                rgb = _picture(data["image"][i].float().cpu().numpy())
-                name = Path(str(data["name"][i])).name
-                _draw(axes[row, 2 * j], rgb, gt_bin[i], f"{kind}: {name}\nground truth")
-                _draw(axes[row, 2 * j + 1], rgb, pred_bin[i], f"prediction\nDice {dice[i]:.3f}")
-                axes[row, 2 * j + 1].legend(handles=handles, fontsize=5, loc="lower right", framealpha=0.7,
-                                            handlelength=1, borderpad=0.3)
-        fig.suptitle(f"{domain}: first {len(first)} and worst {len(worst)} test cases (Dice = mean over classes)",
-                     fontsize=8)
-        fig.tight_layout()
-        path = out_dir / f"{domain}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        cases = [OverlayCase(Path(str(data["name"][i])).name, _picture(data["image"][i].float().cpu().numpy()),
+                             gt_bin[i], pred_bin[i], case_dice(pred_bin[i], gt_bin[i])) for i in range(total)]
+        path = overlay_page(cases, count, spec.foreground_names, domain, out_dir / f"{domain}.png")
+        if path is not None:
+            written.append(path)
     return written
+
+
+def volume_overlay_case(name: str, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, dice: float
+                        ) -> OverlayCase:
+    """The slice along the last axis with the most ground truth (else prediction, else the middle) of a
+    ``(X, Y, Z)`` volume, its intensities scaled to the slice's range, as an :class:`OverlayCase`."""
+    area = gt.reshape(-1, gt.shape[-1]).sum(0)
+    if not area.any():
+        area = pred.reshape(-1, pred.shape[-1]).sum(0)
+    z = int(area.argmax()) if area.any() else gt.shape[-1] // 2
+    plane = image[..., z].astype(np.float32)
+    lo, hi = float(plane.min()), float(plane.max())
+    plane = (plane - lo) / (hi - lo) * 2 - 1 if hi > lo else np.zeros_like(plane)
+    return OverlayCase(f"{name} (z={z})", _picture(plane[None]), gt[None, ..., z].astype(bool),
+                       pred[None, ..., z].astype(bool), dice)
 
 
 def _fmt(value: float) -> str:

@@ -19,6 +19,7 @@ from medsemi.config import Config
 from medsemi.data.volumes.cases import TASK_NAMES, Volume
 from medsemi.device import autocast_for
 from medsemi.evaluation.evaluate import eval_mode
+from medsemi.evaluation.report import OverlayCase, volume_overlay_case
 from medsemi.evaluation.sliding3d import sliding_window_predict
 from medsemi.metrics import MetricPolicy, aggregate, case_metrics
 
@@ -28,13 +29,19 @@ CLASS_NAME = "foreground"
 def evaluate_volume_network(
     net: nn.Module, test_volumes: dict[int, list[Volume]], cfg: Config, options: dict[str, Any],
     policy: MetricPolicy, device: torch.device, surface: bool = False, amp: str = "off", source: str = "",
+    overlays: list[tuple[str, OverlayCase]] | None = None,
 ) -> dict:
-    """Aggregate metrics of one network over the test volumes of every task (see the module docstring)."""
+    """Aggregate metrics of one network over the test volumes of every task (see the module docstring);
+    ``overlays`` (a list) receives ``(task name, one slice of each case)`` for the report's pictures."""
     records = []
     for task, vols in test_volumes.items():
         for vol in vols:
             pred = predict_volume(net, vol.image, task, cfg, options, device, amp)
             records.append(score_case(pred, vol, policy, surface))
+            if overlays is not None and vol.label is not None:
+                dice = float(records[-1]["metrics"][CLASS_NAME]["dice"])
+                overlays.append((TASK_NAMES[vol.task_id], volume_overlay_case(vol.name, vol.image, vol.label,
+                                                                              pred, dice)))
     if not records:
         raise ValueError(f"{source}: no test volumes to evaluate")
     agg = aggregate(records)

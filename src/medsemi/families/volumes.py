@@ -47,7 +47,7 @@ The crop size is ``data.patch_size`` (96 in the paper). The training batch size 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,8 @@ from medsemi.data.volumes.cases import TASK_IDS, TASK_NAMES, Volume, read_cases,
 from medsemi.data.volumes.crop_source import CropSource, LazyCropSource
 from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
 from medsemi.data.volumes.sampling import CropSampler, VolumeBank
-from medsemi.evaluation.volumes import evaluate_volume_network
+from medsemi.evaluation.report import OverlayCase, overlay_page
+from medsemi.evaluation.volumes import CLASS_NAME, evaluate_volume_network
 from medsemi.families.base import DataError, eval_policy
 from medsemi.methods.registry import get_method
 from medsemi.metrics import MetricPolicy
@@ -96,6 +97,8 @@ class VolumeFamily:
     test_volumes: dict[int, list[Volume]]
     options: dict[str, Any]
     source: str
+    # per evaluated network (id): one slice of each test case from its latest evaluation, for write_overlays
+    _overlay_slices: dict[int, list[tuple[str, OverlayCase]]] = field(default_factory=dict, repr=False)
 
     def make_sources(
         self, cfg: Config, device: torch.device, seed: int, uses_unlabelled: bool, rank: int = 0, world_size: int = 1
@@ -143,15 +146,29 @@ class VolumeFamily:
         """Per-task sliding-window evaluation of every network on the test lists (spec 4.1-4.5;
         :mod:`medsemi.evaluation.volumes`). There is no validation split."""
         policy = self.metric_policy(cfg)
-        return {"test": {
-            role: evaluate_volume_network(net, self.test_volumes, cfg, self.options, policy, device, surface, amp,
-                                          self.source)
-            for role, net in networks.items()
-        }}
+        results = {}
+        for role, net in networks.items():
+            slices: list[tuple[str, OverlayCase]] = []
+            results[role] = evaluate_volume_network(net, self.test_volumes, cfg, self.options, policy, device,
+                                                    surface, amp, self.source, overlays=slices)
+            self._overlay_slices[id(net)] = slices  # the latest evaluation's, for write_overlays
+        return {"test": results}
 
     def write_overlays(self, model: nn.Module, cfg: Config, device: torch.device, out_dir: Path) -> list[Path]:
-        """Volumes get no overlay pictures."""
-        return []
+        """``out_dir/<task>.png``: for each task the first and the worst test cases, each shown on the
+        slice (last axis) with the most ground truth, from the model's latest evaluation (run now when
+        there is none)."""
+        slices = self._overlay_slices.get(id(model))
+        if slices is None:
+            self.evaluate({"model": model}, cfg, device)
+            slices = self._overlay_slices[id(model)]
+        written = []
+        for task in dict.fromkeys(t for t, _ in slices):
+            cases = [c for t, c in slices if t == task]
+            path = overlay_page(cases, cfg.eval.overlays, (CLASS_NAME,), task, out_dir / f"{task}.png")
+            if path is not None:
+                written.append(path)
+        return written
 
     def metric_policy(self, cfg: Config) -> MetricPolicy:
         """VerSemi's empty-prediction rule (spec 4.3) or the ``eval`` section's rules."""
@@ -264,6 +281,8 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
             split = _split_from_lists(synthetic_lists(vols, test_fraction), ratio, "synthetic3d (in memory)")
             volumes = {v.name: v for v in vols}
             source = "synthetic3d (in memory)"
+        if opts["task"]:
+            split = _one_task(split, TASK_IDS[opts["task"]])
         name = "synthetic3d"
     elif data.format == "versemi":
         if not data.root:
@@ -283,9 +302,6 @@ def build_volume_family(cfg: Config) -> VolumeFamily:
         raise ConfigError(
             f"build_volume_family: data.format must be versemi or synthetic3d, got {data.format!r}"
         )
-
-    if opts["task"]:
-        split = _one_task(split, TASK_IDS[opts["task"]])
 
     def load(names: tuple[str, ...], with_label: bool = True) -> list[Volume]:
         if volumes is not None:
