@@ -1,5 +1,6 @@
 """What a run's report shows: ``report.md`` text, ``curves.png`` and prediction overlays
-(``overlays/<domain>.png``, ``overlays/<task>.png`` for volumes). :mod:`medsemi.workflows.evaluate_run` evaluates a run and writes them."""
+(``overlays/<domain>.png``, ``overlays/<task>.png`` for volumes). :mod:`medsemi.workflows.evaluate_run`
+evaluates a run and writes them."""
 
 from __future__ import annotations
 

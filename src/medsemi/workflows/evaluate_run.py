@@ -1,5 +1,6 @@
-"""Evaluate a finished (or running) run directory: every checkpoint role with every metric, then
-``eval.json``, ``report.md``, ``curves.png`` and prediction overlays (``overlays/<domain>.png``, ``overlays/<task>.png`` for volumes)."""
+"""Evaluate a finished (or running) run directory: every checkpoint role with every metric, then ``eval.json``,
+``report.md``, ``curves.png`` and prediction overlays (``overlays/<domain>.png``, ``overlays/<task>.png`` for
+volumes)."""
 
 from __future__ import annotations
 
