@@ -33,8 +33,8 @@ import medsemi
 from medsemi.config import (
     Config,
     apply_overrides,
+    config_differences,
     config_from_dict,
-    config_to_dict,
     find_config,
     load_config,
     read_raw_config,
@@ -101,15 +101,6 @@ def run_config(config: Path, method: str, seed: int, overrides: list[str], task:
     return cfg
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
 
 def check_reusable(run_dir: Path, cfg: Config) -> None:
     """Refuse a run folder whose finished or interrupted run was made with other settings."""
@@ -119,9 +110,7 @@ def check_reusable(run_dir: Path, cfg: Config) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise ValueError(f"{run_dir} holds a run without config.yaml, so it cannot be reused; choose another "
                          "--out or delete that folder")
-    old = _flat(config_to_dict(load_config(run_dir / "config.yaml")))
-    new = _flat(config_to_dict(cfg))
-    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diffs = [f"{k}: {a!r} -> {b!r}" for k, a, b in config_differences(load_config(run_dir / "config.yaml"), cfg)]
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise ValueError(f"{run_dir} holds a run made with other settings ({shown}); nothing was trained: choose "

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from medsemi.checkpoints import load_checkpoint
-from medsemi.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from medsemi.config import Config, apply_overrides, config_differences, config_from_dict, load_config
 from medsemi.data.contract import DatasetInfo
 from medsemi.device import resolve_device
 from medsemi.evaluation.report import CHECKPOINTS, plot_curves, render_report
@@ -47,22 +47,11 @@ def load_network(
     return model, iteration
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
 
 def differences_from_training(run_dir: str | Path, cfg: Config, which: tuple[str, ...]) -> list[str]:
     """What makes this evaluation differ from the one training wrote (``eval.bn_adaptation=True``,
     a subset of checkpoints, ...); empty when it is the same evaluation."""
-    trained = _flat(config_to_dict(load_config(Path(run_dir) / "config.yaml")))
-    now = _flat(config_to_dict(cfg))
-    diffs = [f"{k}={now.get(k)}" for k in sorted(set(trained) | set(now)) if trained.get(k) != now.get(k)]
+    diffs = [f"{k}={b}" for k, _, b in config_differences(load_config(Path(run_dir) / "config.yaml"), cfg)]
     if set(which) != set(CHECKPOINTS):
         diffs.insert(0, "+".join(which))
     return diffs
