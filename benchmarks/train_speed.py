@@ -58,10 +58,14 @@ MAX_ITERATIONS = 100_000  # the schedule the steps pretend to be in; steps run f
 class Variant:
     method: str
     forward_mode: str | None = None
+    grouped_norm: str | None = None  # method.grouped_norm of a grouped variant (None: the method's default)
 
     @property
     def label(self) -> str:
-        return self.method if self.forward_mode is None else f"{self.method}[{self.forward_mode}]"
+        if self.forward_mode is None:
+            return self.method
+        norm = f"/{self.grouped_norm}" if self.grouped_norm and self.forward_mode == "grouped" else ""
+        return f"{self.method}[{self.forward_mode}{norm}]"
 
 
 @dataclass
@@ -111,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list; midss/ustrun run every forward mode, or name one as ustrun:grouped")
     p.add_argument("--forward-modes", default=None,
                    help="comma list of forward modes for midss/ustrun (default: all)")
+    p.add_argument("--grouped-norm", choices=("loop", "one_pass"), default=None,
+                   help="method.grouped_norm of the grouped forward mode (default: the method's, loop)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma list of label kinds: multilabel,exclusive")
     p.add_argument("--data", choices=("random", "pool"), default="random",
                    help="random: fixed random batches on the device (default); pool: the trainer's own "
@@ -149,9 +155,9 @@ def variants(args: argparse.Namespace) -> list[Variant]:
             raise SystemExit(f"benchmarks/train_speed.py: {item!r}: forward modes exist only for "
                              f"{MODE_METHODS}, one of {FORWARD_MODES}")
         if mode:
-            out.append(Variant(name, mode))
+            out.append(Variant(name, mode, args.grouped_norm))
         elif name in MODE_METHODS:
-            out.extend(Variant(name, m) for m in modes)
+            out.extend(Variant(name, m, args.grouped_norm) for m in modes)
         else:
             out.append(Variant(name))
     return out
@@ -164,6 +170,8 @@ def make_config(args: argparse.Namespace, kind: str, variant: Variant, amp: str)
     method: dict[str, Any] = {"name": variant.method}
     if variant.forward_mode is not None:
         method["forward_mode"] = variant.forward_mode
+    if variant.grouped_norm is not None and variant.forward_mode == "grouped":
+        method["grouped_norm"] = variant.grouped_norm
     return config_from_dict({
         "name": f"bench_{variant.label}_{kind}",
         "seed": args.seed,

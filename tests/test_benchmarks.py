@@ -58,6 +58,11 @@ def test_variants_expand_forward_modes():
 
     labels = [v.label for v in ts.variants(ts.parse_args(["--methods", "bcp,midss"]))]
     assert labels == ["bcp"] + [f"midss[{m}]" for m in FORWARD_MODES]
+    labels = [v.label for v in ts.variants(ts.parse_args(["--methods", "ustrun", "--grouped-norm", "one_pass"]))]
+    assert labels == ["ustrun[separate]", "ustrun[fused]", "ustrun[grouped/one_pass]"]
+    variant = ts.Variant("ustrun", "grouped", "one_pass")
+    cfg = ts.make_config(ts.parse_args(["--size", "32"]), "exclusive", variant, "off")
+    assert cfg.method.forward_mode == "grouped" and cfg.method.grouped_norm == "one_pass"
     with pytest.raises(SystemExit, match="unknown method"):
         ts.variants(ts.parse_args(["--methods", "nope"]))
     with pytest.raises(SystemExit, match="forward modes exist only"):
@@ -91,3 +96,24 @@ def test_train_speed_pool_reports_the_data_cost(tmp_path):
     random = ts.main(["--size", "32", "--base-channels", "2", "--batch", "2", "--iters", "1", "--warmup", "0",
                       "--methods", "supervised", "--kinds", "exclusive", "--device", "cpu", "--no-floor"])
     assert random["results"][0]["data_ms_per_iter"] is None  # fixed device batches: nothing drawn
+
+
+def test_grouped_overhead_tiny_run(tmp_path):
+    """benchmarks/grouped_overhead.py: interleaved fused / grouped steps, medians and per-round ratios."""
+    _load()  # train_speed.py, which grouped_overhead.py imports from beside it
+    spec = importlib.util.spec_from_file_location("medsemi_bench_grouped_overhead",
+                                                  REPO / "benchmarks" / "grouped_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "g.json"
+    report = module.main(["--size", "32", "--base-channels", "2", "--batch", "2", "--rounds", "2", "--warmup", "1",
+                          "--methods", "ustrun", "--kinds", "exclusive", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    (res,) = saved["results"]
+    assert res["method"] == "ustrun" and res["kind"] == "exclusive"
+    assert set(res["ms"]) == set(module.VARIANTS) and all(v > 0 for v in res["ms"].values())
+    assert set(res["ratio_to_fused"]) == {"grouped/loop", "grouped/one_pass"}
+    assert all(v > 0 for v in res["ratio_to_fused"].values())
+    with pytest.raises(SystemExit, match="--variants"):
+        module.main(["--variants", "grouped/fast"])

@@ -16,6 +16,7 @@ from medsemi.checkpoints import load_checkpoint, save_atomic
 from medsemi.config import load_config
 from medsemi.engine.ema import ema_update
 from medsemi.engine.trainer import Trainer
+from medsemi.methods.base import Progress
 from medsemi.methods.registry import available_methods
 from medsemi.schedules import consistency_weight, ema_alpha, poly_lr
 
@@ -213,6 +214,20 @@ def test_compile_refused_with_a_reason_where_it_cannot_work(tmp_path, tiny_overr
         Trainer(cfg, tmp_path / "run")
     off = _cfg(tiny_overrides, "method.name=unimatch", "train.compile=true", "method.feature_perturbation=false")
     assert Trainer(off, tmp_path / "run2").method.compile_blocker() is None
-    grouped = _cfg(tiny_overrides, "method.name=midss", "method.forward_mode=grouped", "train.compile=true")
-    with pytest.raises(ConfigError, match="forward_mode=grouped.*BackendCompilerFailed"):
-        Trainer(grouped, tmp_path / "run3")
+
+
+def test_compiled_grouped_step_equals_eager(tmp_path, tiny_overrides):
+    """MiDSS with forward_mode=grouped under train.compile=true (refused until 2026-12-01, when a
+    BackendCompilerFailed had been seen): two compiled steps give the eager steps' losses and weights."""
+    results = {}
+    for compiled in (False, True):
+        cfg = _cfg(tiny_overrides, "method.name=midss", "method.forward_mode=grouped",
+                   f"train.compile={str(compiled).lower()}")
+        trainer = Trainer(cfg, tmp_path / f"run_{compiled}")
+        losses = [trainer.train_step(Progress(it, 8, 4))["loss"] for it in (1, 2)]
+        weights = {k.replace("_orig_mod.", ""): v for k, v in _weights(trainer).items()}
+        results[compiled] = (torch.stack(losses), weights)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-4, atol=1e-5)
+    assert results[True][1].keys() == results[False][1].keys()
+    for key, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], value, rtol=1e-3, atol=1e-4, msg=key)

@@ -12,7 +12,7 @@ from medsemi.methods.base import Progress
 from medsemi.methods.intermediate import run_calls
 from medsemi.methods.midss import MiDSS, MiDSSOptions
 from medsemi.methods.ustrun import USTRUN, USTRUNOptions
-from medsemi.nets.grouped_norm import GroupedBatchNorm2d, ensure_grouped_norm, grouped_batches
+from medsemi.nets.grouped_norm import IMPLS, GroupedBatchNorm2d, ensure_grouped_norm, grouped_batches
 from medsemi.nets.unet2d import UNet2D
 
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -35,8 +35,8 @@ def _grads(model):
 
 @pytest.mark.parametrize("sizes", [[3, 3, 3], [2, 2, 2, 2, 2], [4, 1, 3], [2, 5, 1, 3, 2]])
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("vectorise", [False, True])
-def test_layer_matches_sequential_batchnorm(sizes, momentum, vectorise):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_matches_sequential_batchnorm(sizes, momentum, impl):
     torch.manual_seed(0)
     ref = nn.BatchNorm2d(5, momentum=momentum).double()
     with torch.no_grad():
@@ -48,14 +48,13 @@ def test_layer_matches_sequential_batchnorm(sizes, momentum, vectorise):
     grouped = copy.deepcopy(ref)
     ensure_grouped_norm(grouped)
     assert type(grouped) is GroupedBatchNorm2d
-    grouped.vectorise_equal = vectorise
     x = torch.randn(sum(sizes), 5, 6, 7, dtype=torch.float64) * 3 + 1
     x_ref, x_grp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     cot = torch.randn_like(x)
     y_ref = torch.cat([ref(c) for c in x_ref.split(sizes)])
-    with grouped_batches(grouped, sizes):
+    with grouped_batches(grouped, sizes, impl):
         y_grp = grouped(x_grp)
-    assert grouped.group_sizes is None  # layout restored
+    assert grouped.group_sizes is None and grouped.impl == "loop"  # layout restored
     torch.testing.assert_close(y_grp, y_ref, **TOL)
     (y_ref * cot).sum().backward()
     (y_grp * cot).sum().backward()
@@ -66,13 +65,12 @@ def test_layer_matches_sequential_batchnorm(sizes, momentum, vectorise):
     assert int(grouped.num_batches_tracked) == 3 + len(sizes)
 
 
-@pytest.mark.parametrize("vectorise", [False, True])
-def test_running_var_uses_unbiased_group_variance(vectorise):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_running_var_uses_unbiased_group_variance(impl):
     """Hand-computed check, independent of nn.BatchNorm2d: one update per group, unbiased variance."""
     bn = GroupedBatchNorm2d(1, momentum=0.5).double()
-    bn.vectorise_equal = vectorise
     x = torch.tensor([1.0, 3.0, 10.0, 14.0], dtype=torch.float64).view(4, 1, 1, 1)
-    with grouped_batches(bn, [2, 2]):
+    with grouped_batches(bn, [2, 2], impl):
         y = bn(x)
     # group means 2, 12; unbiased variances 2, 8; r = 0.5 (0.5 * 0 + 0.5 * 2) + 0.5 * 12 = 6.5
     torch.testing.assert_close(bn.running_mean, torch.tensor([6.5], dtype=torch.float64))
@@ -82,6 +80,44 @@ def test_running_var_uses_unbiased_group_variance(vectorise):
         torch.tensor([1.0, 1.0, 4.0, 4.0], dtype=torch.float64) + bn.eps) * torch.tensor([1.0, 1.0, 2.0, 2.0],
                                                                                           dtype=torch.float64)
     torch.testing.assert_close(y.view(-1), expected)
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [4, 4, 4, 4, 1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_matches_loop_channels_last_and_low_precision(sizes, dtype):
+    """The float64 tests above prove both computations; here the layouts and dtypes of real training:
+    a channels-last float32 input, and a bfloat16 input (statistics in float32, output in bfloat16)."""
+    torch.manual_seed(4)
+    nets = {impl: GroupedBatchNorm2d(8).train() for impl in IMPLS}
+    for net in nets.values():
+        net.load_state_dict(nets["loop"].state_dict())
+    x = (torch.randn(sum(sizes), 8, 12, 10) * 2 + 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    cot = torch.randn(x.shape, dtype=dtype)
+    outs, grads = {}, {}
+    for impl, net in nets.items():
+        xi = x.clone().requires_grad_(True)
+        with grouped_batches(net, sizes, impl):
+            outs[impl] = net(xi)
+        (outs[impl].float() * cot.float()).sum().backward()
+        grads[impl] = (xi.grad, net.weight.grad, net.bias.grad)
+    assert outs["one_pass"].dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=4e-2)
+    torch.testing.assert_close(outs["one_pass"], outs["loop"], **tol)
+    for a, b in zip(grads["one_pass"], grads["loop"]):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(nets["one_pass"].running_mean, nets["loop"].running_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nets["one_pass"].running_var, nets["loop"].running_var, rtol=1e-3, atol=1e-3)
+    assert int(nets["one_pass"].num_batches_tracked) == int(nets["loop"].num_batches_tracked) == len(sizes)
+
+
+def test_one_pass_needs_two_values_per_channel_in_each_group():
+    bn = GroupedBatchNorm2d(2)
+    with pytest.raises(ValueError, match="more than 1 value per channel"), grouped_batches(bn, [2, 1], "one_pass"):
+        bn(torch.randn(3, 2, 1, 1))
+    with pytest.raises(ValueError, match="one_pass"), grouped_batches(bn, [2, 1], "vectorised"):
+        pass
+    with pytest.raises(ValueError, match="method.grouped_norm"):
+        MiDSSOptions(forward_mode="grouped", grouped_norm="fast")
 
 
 def test_plain_behaviour_without_layout_and_in_eval():
@@ -121,17 +157,16 @@ def test_ensure_grouped_norm_keeps_parameter_objects():
     assert ensure_grouped_norm(net) == 0
 
 
-@pytest.mark.parametrize("sizes,vectorise", [([4, 4, 4], False), ([4, 4, 4], True), ([3, 3, 3, 3], True),
-                                            ([4, 4, 4, 4, 1], False), ([2, 4, 3], False)])
-def test_unet_grouped_forward_equals_separate_calls(sizes, vectorise, monkeypatch):
-    monkeypatch.setattr(GroupedBatchNorm2d, "vectorise_equal", vectorise)
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 3, 3, 3], [4, 4, 4, 4, 1], [2, 4, 3]])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unet_grouped_forward_equals_separate_calls(sizes, impl):
     torch.manual_seed(2)
     ref = UNet2D(3, 2, 4).double().train()
     grouped = copy.deepcopy(ref)
     xs = [torch.randn(s, 3, 32, 32, dtype=torch.float64) for s in sizes]
     cots = [torch.randn(s, 2, 32, 32, dtype=torch.float64) for s in sizes]
     out_ref = run_calls(ref, xs, "separate")
-    out_grp = run_calls(grouped, xs, "grouped")
+    out_grp = run_calls(grouped, xs, "grouped", impl)
     assert any(isinstance(m, GroupedBatchNorm2d) for m in grouped.modules())
     for a, b in zip(out_grp, out_ref):
         torch.testing.assert_close(a, b, **TOL)
@@ -159,11 +194,11 @@ def _data(spec, ch, b, seed, size=32):
     return img, label
 
 
-@pytest.mark.parametrize("method_cls,options,kind", [
-    (MiDSS, MiDSSOptions, "multilabel"), (MiDSS, MiDSSOptions, "exclusive"),
-    (USTRUN, USTRUNOptions, "exclusive"), (USTRUN, USTRUNOptions, "multilabel"),
+@pytest.mark.parametrize("method_cls,options,kind,impl", [
+    (MiDSS, MiDSSOptions, "multilabel", "loop"), (MiDSS, MiDSSOptions, "exclusive", "one_pass"),
+    (USTRUN, USTRUNOptions, "exclusive", "loop"), (USTRUN, USTRUNOptions, "multilabel", "one_pass"),
 ])
-def test_method_step_grouped_equals_separate(method_cls, options, kind):
+def test_method_step_grouped_equals_separate(method_cls, options, kind, impl):
     """A full MiDSS / UST-RUN step (iterations 0 and 1, so UST-RUN's unreliable slot joins at 1) from the
     same state and generator: same loss, gradients, logs and every buffer (BN, queue, LQ slot)."""
     torch.set_default_dtype(torch.float64)
@@ -175,7 +210,9 @@ def test_method_step_grouped_equals_separate(method_cls, options, kind):
         x_l, y_l = _data(spec, ch, 4, 1)
         u_w, _ = _data(spec, ch, 4, 2)
         # a low threshold so that the pseudo-label masks are not empty
-        opts = {"threshold": 0.5} | ({"warmup_hardness_epochs": 0} if method_cls is USTRUN else {})
+        opts = {"threshold": 0.5, "grouped_norm": impl}
+        if method_cls is USTRUN:
+            opts["warmup_hardness_epochs"] = 0
         results = {}
         for mode in ("separate", "grouped"):
             method = method_cls(options(forward_mode=mode, **opts), copy.deepcopy(student),

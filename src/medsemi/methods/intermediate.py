@@ -14,7 +14,7 @@ from torch import nn
 from medsemi.data.contract import LabelSpec
 from medsemi.losses import seg_loss
 from medsemi.methods.base import MethodOptions
-from medsemi.nets.grouped_norm import ensure_grouped_norm, grouped_batches
+from medsemi.nets.grouped_norm import IMPLS, ensure_grouped_norm, grouped_batches, grouped_norm_modules
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label, symgd_fuse
 from medsemi.ops.tpram import amplitude_mix, sample_ratios
@@ -40,29 +40,25 @@ class IntermediateOptions(MethodOptions):
     # grouped: one forward per network like fused, but BatchNorm statistics and running buffers per
     # original call (nets/grouped_norm.py), equal to separate up to rounding
     forward_mode: str = "separate"
+    # with forward_mode=grouped: loop = one native BatchNorm kernel per call (fewest operations in eager
+    # mode); one_pass = every call's statistics from one reduction and one in-place running update per
+    # buffer (what torch.compile can fuse). Both equal separate up to rounding.
+    grouped_norm: str = "loop"
     # paper | released: a bundle of the settings below and train.amp (Method.presets; explicit keys win)
     preset: str = "paper"
 
     def __post_init__(self) -> None:
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"method.forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        if self.grouped_norm not in IMPLS:
+            raise ValueError(f"method.grouped_norm must be one of {IMPLS}, got {self.grouped_norm!r}")
 
 
-def compile_blocker(opts: IntermediateOptions) -> str | None:
-    """MiDSS with ``forward_mode=grouped`` cannot be compiled (measured with torch 2.13 inductor on a CPU;
-    UST-RUN's grouped step compiled and ran there): the BatchNorms update the same running buffers once per
-    call inside one forward."""
-    if opts.forward_mode != "grouped":
-        return None
-    return ("forward_mode=grouped updates each BatchNorm's running statistics once per original call inside "
-            "one forward, and torch.compile (inductor) fails on these repeated in-place buffer updates in the "
-            "MiDSS step (BackendCompilerFailed, torch 2.13); use forward_mode=separate or fused with "
-            "train.compile=true, or train.compile=false")
-
-
-def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str,
+              grouped_norm: str = "loop") -> list[torch.Tensor]:
     """Run ``net`` on each input as separate calls (``separate``), or once on their concatenation with
-    shared BatchNorm statistics (``fused``) or per-call statistics (``grouped``, spec 3.5).
+    shared BatchNorm statistics (``fused``) or per-call statistics (``grouped``, spec 3.5, computed as
+    ``grouped_norm`` says).
 
     ``grouped`` converts the network's BatchNorm2d modules to GroupedBatchNorm2d on first use, in place
     (only the class of each module object changes, so the optimiser keeps holding the same parameters);
@@ -76,10 +72,12 @@ def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str) -> list[tor
     sizes = [len(x) for x in inputs]
     if mode == "fused":
         return list(net(torch.cat(inputs)).split(sizes))
-    if not getattr(net, "_grouped_norm_ready", False):
+    modules = getattr(net, "_grouped_norm_modules", None)
+    if modules is None:  # first grouped call: convert once and keep the list (no walk over the net per call)
         ensure_grouped_norm(net)
-        net._grouped_norm_ready = True
-    with grouped_batches(net, sizes):
+        modules = grouped_norm_modules(net)
+        net._grouped_norm_modules = modules
+    with grouped_batches(net, sizes, grouped_norm, modules):
         out = net(torch.cat(inputs))
     return list(out.split(sizes))
 
@@ -102,7 +100,7 @@ def teacher_targets(
     """Teacher forwards on ``u_w``, ``u_w ⊕_M s`` and ``s ⊕_M u_w`` (raw source, no TP-RAM) and the
     SymGD fusion (spec 4.1). Returns ``(Y0, K0, Y_f, K_s)``."""
     p0, p_ul, p_lu = run_calls(
-        teacher, [u_w, paste(u_w, source, box), paste(source, u_w, box)], opts.forward_mode
+        teacher, [u_w, paste(u_w, source, box), paste(source, u_w, box)], opts.forward_mode, opts.grouped_norm
     )
     y0, k0 = pseudo_label(p0, spec, opts.threshold)
     if not opts.symgd:

@@ -18,9 +18,6 @@ from medsemi.methods.intermediate import (
     total_loss,
     ucp_pairs,
 )
-from medsemi.methods.intermediate import (
-    compile_blocker as intermediate_compile_blocker,
-)
 from medsemi.methods.registry import register
 from medsemi.ops.boxes import random_boxes
 from medsemi.schedules import consistency_weight
@@ -40,9 +37,6 @@ class MiDSS(Method):
     smoothed_empty_rule = "midss"  # its metrics file leaves the empty-empty rule out: 1/1.001 (spec 3.4)
     # released: the public code autocasts in fp16 with a GradScaler (spec addendum "AMP dtype")
     presets = {"paper": {}, "released": {"train": {"amp": "fp16"}}}
-
-    def compile_blocker(self) -> str | None:
-        return intermediate_compile_blocker(self.options)
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator
@@ -65,7 +59,7 @@ class MiDSS(Method):
         # 7. student forwards in the original order S(x_l), S(x_ul), S(x_lu), S(u_s) (the order sets the
         # BatchNorm running statistics); separate calls unless forward_mode says otherwise
         calls = [x_l, x_ul, x_lu, u_s] if o.ucp else [x_l, u_s]
-        z = run_calls(self.student, calls, o.forward_mode)
+        z = run_calls(self.student, calls, o.forward_mode, o.grouped_norm)
         # 8. losses
         terms = {"loss_sup": seg(z[0], y_l, None, spec), "loss_s": seg(z[-1], y_f, k_s, spec)}
         if o.ucp:

@@ -131,7 +131,7 @@ class USTRUN(Method):
         lq = self._lq_mix(x_l, y_l) if has_lq else None
         # 7. student forwards in the original order: S(x_l), S(x_ul), S(x_lu), S(u_s), then S(x_lq)
         calls = [x_l] + ([x_ul, x_lu] if o.ucp else []) + [u_s] + ([lq[0]] if lq is not None else [])
-        z = run_calls(self.student, calls, o.forward_mode)
+        z = run_calls(self.student, calls, o.forward_mode, o.grouped_norm)
         z_s = z[3] if o.ucp else z[1]
         # 8. hardness = 1 - mean smoothed Dice(student, teacher); forced to 1 in the first epoch
         h = hardness(y_hat, y0, spec, o.hardness_empty_rule, o.hardness_ignore_absent)  # float64 as the original
