@@ -18,6 +18,7 @@ def test_evaluate_with_other_options_writes_a_subfolder(tmp_path, tiny_overrides
     assert main(["train", str(DEMO), *tiny_overrides, "train.iterations=2", "train.eval_every=2",
                  "--run-dir", str(run)]) == 0
     before = _files(run)
+    curves_written = (run / "curves.png").stat().st_mtime_ns
     capsys.readouterr()
 
     assert main(["evaluate", str(run), "eval.bn_adaptation=true"]) == 0
@@ -26,6 +27,7 @@ def test_evaluate_with_other_options_writes_a_subfolder(tmp_path, tiny_overrides
     assert str(sub) in err and "unchanged" in err
     assert _files(run) == before, "the run's own report was replaced"
     assert "re-estimated" in (sub / "report.md").read_text() and (sub / "curves.png").exists()
+    assert (run / "curves.png").stat().st_mtime_ns == curves_written, "the run's curves.png was rewritten"
 
     assert main(["evaluate", str(run), "--checkpoint", "last_student"]) == 0
     assert _files(run) == before

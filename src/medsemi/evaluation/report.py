@@ -29,9 +29,10 @@ CHECKPOINTS = {
 }
 
 
-def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
-    """``curves.png``: the training losses (total, supervised and every unlabelled term) and the test Dice per
-    ``group`` (``domain``, or ``task`` for multi-task data) of the student, with its macro mean, on a 0-1 axis."""
+def plot_curves(run_dir: Path, group: str = "domain", out_dir: Path | None = None) -> Path | None:
+    """``curves.png`` in ``out_dir`` (default: the run directory), from the run's ``metrics.jsonl``: the
+    training losses (total, supervised and every unlabelled term) and the test Dice per ``group``
+    (``domain``, or ``task`` for multi-task data) of the student, with its macro mean, on a 0-1 axis."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return None
@@ -42,7 +43,7 @@ def plot_curves(run_dir: Path, group: str = "domain") -> Path | None:
 
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     fig = curves_figure(records, group)
-    out = run_dir / "curves.png"
+    out = (run_dir if out_dir is None else out_dir) / "curves.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +97,7 @@ def evaluate_run(
             overlays = family.write_overlays(model, cfg, dev, out / "overlays")
     if not results:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to evaluate (looked for {sorted(set(CHECKPOINTS))})")
-    curves = plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain")
-    if curves is not None and out.resolve() != run_dir.resolve():
-        shutil.copyfile(curves, out / "curves.png")  # report.md links it beside itself
+    plot_curves(run_dir, "task" if family.info.extra.get("tasks") else "domain", out)  # beside report.md
     (out / "eval.json").write_text(json.dumps(results, indent=1, default=float))
     links = [p.relative_to(out).as_posix() for p in overlays]
     (out / "report.md").write_text(render_report(cfg, results, family, overlays=links))
