@@ -3,6 +3,10 @@
 The reference for the scores is metrics.jsonl itself, read here independently."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +99,81 @@ def test_unreadable_last_checkpoint_with_a_readable_previous_one_is_resumable(tm
     (run / "checkpoints" / "last.pt").write_bytes(b"garbage")
     [summary] = list_runs(tmp_path)
     assert summary.status == "interrupted" and summary.iteration == 2 and "last.prev.pt" in summary.note
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(run_dir: Path, pid: int, host: str | None = None) -> None:
+    (run_dir / "run.lock").write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                                  "started": "2026-12-01 10:00:00"}))
+
+
+def test_runs_tells_running_from_interrupted(runs_root, tmp_path):
+    """run.lock: a live trainer on this machine is `running` (even before its first checkpoint); a lock
+    whose process is gone is stale and the checkpoints decide; another machine's lock counts as running."""
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "stopped", root / "live")
+    shutil.copytree(runs_root / "stopped", root / "stale")
+    shutil.copytree(runs_root / "stopped", root / "remote")
+    shutil.copytree(runs_root / "crashed", root / "starting")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(root / "live", sleeper.pid)
+        _write_lock(root / "starting", sleeper.pid)
+        _write_lock(root / "stale", _dead_pid())
+        _write_lock(root / "remote", 12345, host="another-node")
+        runs = {r.name: r for r in list_runs(root)}
+        assert runs["live"].status == "running" and f"pid {sleeper.pid}" in runs["live"].note
+        assert "last logged" in runs["live"].note
+        assert runs["starting"].status == "running"  # no checkpoint yet, but not failed
+        assert runs["stale"].status == "interrupted" and "stale run.lock" in runs["stale"].note
+        assert runs["remote"].status == "running" and "another-node" in runs["remote"].note
+        assert "cannot be checked" in runs["remote"].note
+        table = runs_table(list(runs.values()))
+        assert "notes:" in table and f"live: training: pid {sleeper.pid}" in table
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert {r.name: r.status for r in list_runs(root)}["live"] == "interrupted"  # its process is gone
+
+
+def test_a_second_trainer_on_a_running_run_is_refused(runs_root, tmp_path, tiny_overrides):
+    """While another process on this machine holds run.lock, `train --resume` (or a fresh run) is refused
+    with its pid; once it is gone the lock is stale, training takes it over and removes it at the end."""
+    import shutil
+
+    from medsemi.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(runs_root / "stopped", run)
+    cfg = load_config(run / "config.yaml")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _write_lock(run, sleeper.pid)
+        with pytest.raises(ConfigError, match=f"another `medsemi train`.*pid {sleeper.pid}"):
+            Trainer(cfg, run, resume=True)
+        with pytest.raises(ConfigError, match=f"pid {sleeper.pid}"):
+            Trainer(cfg, tmp_path / "run")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    seen = []
+    trainer = Trainer(cfg, run, resume=True)
+    original = trainer._log
+
+    def spy(record):  # during training the lock names this process
+        seen.append(json.loads((run / "run.lock").read_text())["pid"])
+        original(record)
+
+    trainer._log = spy
+    trainer.fit()
+    assert trainer.iteration == cfg.train.iterations
+    assert seen and set(seen) == {os.getpid()}
+    assert not (run / "run.lock").exists()

@@ -45,6 +45,7 @@ from medsemi.families.select import build_family, data_kind
 from medsemi.methods.base import Method, Progress, check_method_fits
 from medsemi.methods.registry import available_methods, get_method
 from medsemi.nets.build import build_model
+from medsemi.run_lock import LOCK_NAME, RunLockedError, check_not_running, hold_run_lock, touch_lock
 from medsemi.schedules import ema_alpha, poly_lr
 
 
@@ -106,7 +107,7 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
 
 
 NONFINITE_MODES = ("stop", "skip_step")
-RUN_FILES = {"config.yaml", "splits.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png"}
+RUN_FILES = {"config.yaml", "splits.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png", LOCK_NAME}
 """What a run writes before its first checkpoint (a directory holding only these may be cleared)."""
 
 
@@ -204,6 +205,7 @@ class Trainer:
             "val": {"score": -math.inf, "iteration": -1},
         }
         self._stop = False
+        self._lock: Path | None = None  # run.lock while fit() trains (main process)
         self.writer = None
         self.last_checkpoint: int | None = None  # iteration of the newest last.pt written or resumed from
         self.guard = SkipNonFinite(self.method) if cfg.train.nonfinite == "skip_step" else None
@@ -226,6 +228,10 @@ class Trainer:
         """A new run needs a new (or empty) directory. One left by a run that died before its first
         checkpoint (only the files a run writes first) is cleared with a message, so that its logs do not
         mix with the new run's; a directory with a checkpoint or with other files is refused."""
+        try:
+            check_not_running(self.run_dir)
+        except RunLockedError as err:
+            raise ConfigError(str(err)) from None
         ckpt = self.run_dir / "checkpoints"
         if resume:
             if not any((ckpt / n).is_file() for n in ("last.pt", "last.prev.pt")):
@@ -283,6 +289,7 @@ class Trainer:
             return
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        touch_lock(self._lock)  # the run's last sign of life, for `medsemi runs`
         if self.writer is not None:
             step = record["iteration"]
             for key, value in record.items():
@@ -481,7 +488,13 @@ class Trainer:
         pending: list[dict[str, torch.Tensor]] = []
         steps_done = 0
         tic = time.perf_counter()
+        lock = contextlib.ExitStack()
         try:
+            if self.main:  # run.lock while training: no second trainer here, and `medsemi runs` sees it running
+                try:
+                    self._lock = lock.enter_context(hold_run_lock(self.run_dir))
+                except RunLockedError as err:
+                    raise ConfigError(str(err)) from None
             while self.iteration < tr.iterations and not self._stop:
                 progress = Progress(self.iteration, tr.iterations, tr.eval_every)
                 pending.append(self.train_step(progress))
@@ -523,6 +536,8 @@ class Trainer:
                 signal.signal(sig, handler)
             if self.writer is not None:
                 self.writer.flush()
+            lock.close()
+            self._lock = None
 
     def _interval_means(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Mean of each logged value over a log interval, plus ``nonfinite_steps``, in one host sync.

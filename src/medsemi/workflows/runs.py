@@ -8,10 +8,14 @@ What is read, none of it able to run code:
   from and the best-on-test / best-on-validation scores with their iterations;
 - ``metrics.jsonl``: the last evaluation's test score (and the best scores when there is no ``last.pt``).
 
-Status: ``finished`` (last.pt at the configured iterations), ``interrupted`` (last.pt before them:
-``medsemi train --resume DIR`` continues; a run still training also looks like this), ``failed`` (files
-but neither a readable ``last.pt`` nor a readable ``last.prev.pt``, the one resume falls back to: nothing
-to resume from).
+- ``run.lock`` (JSON, ``medsemi.run_lock``): which process is training there now.
+
+Status: ``running`` (``run.lock`` names a process that still runs on this machine, or any process on
+another machine, which cannot be checked from here; the note says which and when the run last logged),
+``finished`` (last.pt at the configured iterations), ``interrupted`` (last.pt before them:
+``medsemi train --resume DIR`` continues), ``failed`` (files but neither a readable ``last.pt`` nor a
+readable ``last.prev.pt``, the one resume falls back to: nothing to resume from). A lock whose process is
+gone is stale: the status is then read from the checkpoints and the note says so.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import yaml
 
 from medsemi.checkpoints import CheckpointError, load_checkpoint
+from medsemi.run_lock import read_lock
 
 MAX_DEPTH = 4  # runs/compare/<method>/<seed> nests run directories
 
@@ -122,6 +127,7 @@ def summarise_run(run_dir: Path, root: Path) -> RunSummary:
     else:
         status = "interrupted"
         note = note or f"resume: medsemi train --resume {run_dir}"
+    status, note = _apply_lock(run_dir, status, note)
     return RunSummary(
         name=name, method=(cfg.get("method") or {}).get("name"), dataset=dataset, iteration=iteration,
         iterations=int(total) if total is not None else None,
@@ -132,6 +138,30 @@ def summarise_run(run_dir: Path, root: Path) -> RunSummary:
         last_score=_score(last.get("test_student_dice")), last_score_iteration=last.get("iteration"),
         status=status, note=note,
     )
+
+
+def _apply_lock(run_dir: Path, status: str, note: str) -> tuple[str, str]:
+    """``running`` when ``run.lock`` names a live (or unverifiable) trainer; a stale lock goes in the note."""
+    holder = read_lock(run_dir)
+    if holder is None:
+        return status, note
+    alive = holder.alive()
+    if alive is False:
+        return status, f"stale run.lock ({holder.describe()}, no longer running); " + note
+    idle = holder.last_activity()
+    since = "" if idle is None else f", last logged {_ago(idle)} ago"
+    if alive:
+        return "running", f"training: {holder.describe()}{since}"
+    return "running", (f"run.lock names {holder.describe()}{since}; another machine, cannot be checked from "
+                       "here (if that run was killed, `medsemi train --resume` takes over)")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def list_runs(root: str | Path = "runs") -> list[RunSummary]:
@@ -156,7 +186,8 @@ def runs_table(runs: list[RunSummary]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    notes = [f"  {r.name}: {r.note}" for r in runs if r.note and r.status != "finished"]
+    return "\n".join(lines + (["", "notes:", *notes] if notes else []))
 
 
 def runs_json(runs: list[RunSummary]) -> str:
