@@ -36,6 +36,8 @@ synthetic         {}          synthetic3d only: n_per_task (6), size_min (32), s
                               other_prob (0.5), seed (0), test_fraction (0.25)
 unlabelled_crop   centre      crops of the unlabelled stream: ``centre`` (VerSemi, spec 1.6) or
                               ``random`` (UA-MT / SSL4MIS / BCP: random crops for every scan)
+augment           none        ``none`` (VerSemi: crops only, spec 1.6) or ``rot_flip`` (UA-MT's
+                              RandomRotFlip on every labelled and unlabelled crop; data/volumes/augment3d.py)
 task              ""          one task name (pancreas, la, spleen, lung): keep only that task's
                               labelled, unlabelled and test cases (the single-task methods
                               ``*3d`` need it); model selection is then that task's Dice
@@ -64,6 +66,7 @@ from medsemi.data.synthetic.volumes3d import (
 )
 from medsemi.data.tools.check3d import check_volumes
 from medsemi.data.tools.prepare3d import RECIPES, Recipe
+from medsemi.data.volumes.augment3d import AUGMENTS
 from medsemi.data.volumes.cases import TASK_IDS, TASK_NAMES, Volume, read_cases, task_id_from_name
 from medsemi.data.volumes.crop_source import CropSource, LazyCropSource
 from medsemi.data.volumes.lists import TEST_LISTS, VerSemiSplit, load_versemi_split
@@ -79,7 +82,7 @@ VOLUME_FORMATS = ("versemi", "synthetic3d")
 DEFAULT_STRIDES = (16, 16, 4)
 _OPTION_KEYS = {
     "ratio", "repeats", "strides", "lcc", "selection", "metric_policy", "sw_batch_size", "bank_device",
-    "image_dtype", "synthetic", "allow_duplicates", "task", "unlabelled_crop",
+    "image_dtype", "synthetic", "allow_duplicates", "task", "unlabelled_crop", "augment",
 }
 _SYNTHETIC_KEYS = {"n_per_task", "size_min", "size_max", "other_prob", "seed", "test_fraction"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -115,7 +118,7 @@ class VolumeFamily:
         labelled = CropSource(CropSampler(
             lab_bank, cfg.train.batch_size, mode="random", repeats=int(self.options["repeats"]),
             seed=base_seed + 2, rank=rank, world_size=world_size,
-        ))
+        ), augment=self.options["augment"])
         needs = uses_unlabelled and bool(getattr(cfg.method, "needs_unlabelled", True))
         if not needs:
             return labelled, None
@@ -135,7 +138,7 @@ class VolumeFamily:
             return CropSource(CropSampler(
                 unl_bank, cfg.train.unlabelled_batch_size, mode=self.options["unlabelled_crop"], repeats=1,
                 with_label=False, seed=base_seed + 3, rank=rank, world_size=world_size,
-            ))
+            ), augment=self.options["augment"])
 
         return labelled, LazyCropSource(build_unlabelled)
 
@@ -193,7 +196,7 @@ def _options(cfg: Config) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "ratio": 20, "repeats": 5, "strides": list(DEFAULT_STRIDES), "lcc": False, "selection": "pancreas",
         "metric_policy": "versemi", "sw_batch_size": 4, "bank_device": "train", "image_dtype": "float32",
-        "synthetic": {}, "allow_duplicates": False, "task": "", "unlabelled_crop": "centre",
+        "synthetic": {}, "allow_duplicates": False, "task": "", "unlabelled_crop": "centre", "augment": "none",
     }
     opts.update(raw)
     task = str(opts["task"] or "")
@@ -224,6 +227,8 @@ def _options(cfg: Config) -> dict[str, Any]:
         )
     if opts["unlabelled_crop"] not in ("centre", "random"):
         raise ConfigError(f"data.options.unlabelled_crop must be centre or random, got {opts['unlabelled_crop']!r}")
+    if opts["augment"] not in AUGMENTS:
+        raise ConfigError(f"data.options.augment must be one of {', '.join(AUGMENTS)}, got {opts['augment']!r}")
     if opts["bank_device"] not in ("train", "cpu"):
         raise ConfigError(f"data.options.bank_device must be train or cpu, got {opts['bank_device']!r}")
     if opts["image_dtype"] not in _DTYPES:

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from medsemi.data.volumes.augment3d import AUGMENTS, rot_flip
 from medsemi.data.volumes.sampling import CropSampler
 
 
@@ -18,9 +19,13 @@ class CropSource:
     resumed run draws the very same crops (``tests/test_versemi_method.py``). Epochs follow each other
     without a break: labelled and unlabelled streams each cycle their own epochs (the original ends a
     stage-2 epoch at the shorter loader and restarts both; that only changes which batches meet).
+    ``augment="rot_flip"``: each crop is rotated and flipped as UA-MT's ``RandomRotFlip``
+    (:mod:`~medsemi.data.volumes.augment3d`), with draws from the same checkpointed generator.
     """
 
-    def __init__(self, sampler: CropSampler) -> None:
+    def __init__(self, sampler: CropSampler, augment: str = "none") -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"data.options.augment must be one of {AUGMENTS}, got {augment!r}")
         if len(sampler) < 1:
             raise ValueError(
                 f"{sampler.bank.names[:3]}...: {sampler.num_items} crops per epoch cannot fill one batch of "
@@ -29,8 +34,9 @@ class CropSource:
         self.sampler = sampler
         self.bank = sampler.bank
         self.position = 0
+        self.augment = augment
         self.generator: torch.Generator | None = None
-        if sampler.mode == "random":
+        if sampler.mode == "random" or augment != "none":
             self.generator = torch.Generator(device=self.bank.device)
             self.generator.manual_seed(sampler.seed * 1_000_003 + sampler.rank)
         self._order = self._epoch_order()
@@ -46,11 +52,13 @@ class CropSource:
         bs = self.sampler.batch_size
         index = self._order[self.position * bs : (self.position + 1) * bs]
         self.position += 1
-        if self.generator is not None:
+        if self.sampler.mode == "random":
             starts = self.bank.random_starts(index, self.generator)
         else:
             starts = self.bank.centre_starts[index]
         image, label = self.bank.crop(index, starts)
+        if self.augment == "rot_flip":
+            image, label = rot_flip(image, label, self.generator)
         task = self.bank.task_ids[index]
         batch = {"image": image, "task": task, "domain": task - 1, "index": index, "start": starts}
         if self.sampler.with_label and label is not None:
