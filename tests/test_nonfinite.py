@@ -3,6 +3,9 @@ run directory left by a run that died before its first checkpoint is not mixed i
 (issue 11, items 6 and 7)."""
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,9 @@ import torch
 from medsemi.checkpoints import load_checkpoint
 from medsemi.cli import main
 from medsemi.config import load_config
+from medsemi.engine.nonfinite import NonFiniteLossError
 from medsemi.engine.step_guard import SkipNonFinite
-from medsemi.engine.trainer import NonFiniteLossError, Trainer
+from medsemi.engine.trainer import Trainer
 from medsemi.methods.base import Progress
 from medsemi.methods.registry import get_method
 from medsemi.methods.supervised import Supervised
@@ -138,9 +142,14 @@ def test_a_run_that_died_before_its_first_checkpoint_is_cleared(tmp_path, tiny_o
     (run / "checkpoints").mkdir(parents=True)
     (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "iteration": 999, "loss": 1.0}) + "\n")
     (run / "config.yaml").write_text("name: old\n")
+    (run / "train.log").write_text("OLD RUN\n")  # a run writes its log from the start
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / "run.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": "-"}))
     assert main(["train", str(DEMO), *tiny_overrides, "train.iterations=2", "train.eval_every=2",
                  "--run-dir", str(run), "--no-eval"]) == 0
     assert "before its first checkpoint" in capsys.readouterr().err
+    assert "OLD RUN" not in (run / "train.log").read_text() and not (run / "run.lock").exists()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["iteration"] <= 2 for r in records), "the dead run's records were mixed in"
 

@@ -25,7 +25,8 @@ def _run_dir(cfg, explicit: str | None) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     from medsemi import distributed as ddp
     from medsemi.config import find_config, load_config
-    from medsemi.engine.trainer import NonFiniteLossError, Trainer
+    from medsemi.engine.nonfinite import NonFiniteLossError
+    from medsemi.engine.trainer import Trainer
     from medsemi.workflows.evaluate_run import evaluate_run
 
     if args.resume:

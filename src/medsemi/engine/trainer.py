@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -38,6 +37,14 @@ from medsemi.config import Config, ConfigError, config_to_dict, save_config
 from medsemi.data.datasets import Splits
 from medsemi.device import autocast_for, resolve_amp, resolve_channels_last, resolve_device
 from medsemi.engine.ema import ema_update
+from medsemi.engine.nonfinite import (
+    NONFINITE_MODES,
+    any_nonfinite,
+    first_nonfinite,
+    interval_means,
+    nonfinite_error,
+)
+from medsemi.engine.run_dir import check_run_dir
 from medsemi.engine.step_guard import SkipNonFinite
 from medsemi.families.base import DatasetFamily
 from medsemi.families.images import ImageFamily
@@ -45,7 +52,7 @@ from medsemi.families.select import build_family, data_kind
 from medsemi.methods.base import Method, Progress, check_method_fits
 from medsemi.methods.registry import available_methods, get_method
 from medsemi.nets.build import build_model
-from medsemi.run_lock import LOCK_NAME, RunLockedError, check_not_running, hold_run_lock, touch_lock
+from medsemi.run_lock import RunLockedError, hold_run_lock, touch_lock
 from medsemi.schedules import ema_alpha, poly_lr
 
 
@@ -106,13 +113,6 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
     raise ValueError(f"train.optimizer must be sgd or adam, got {tr.optimizer!r}")
 
 
-NONFINITE_MODES = ("stop", "skip_step")
-RUN_FILES = {"config.yaml", "splits.json", "metrics.jsonl", "tensorboard", "checkpoints", "curves.png", LOCK_NAME}
-"""What a run writes before its first checkpoint (a directory holding only these may be cleared)."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training stopped on a non-finite loss (``train.nonfinite=stop``); the message says where and what next."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -145,7 +145,7 @@ class Trainer:
             raise ConfigError(f"train.nonfinite must be one of {', '.join(NONFINITE_MODES)}, "
                               f"got {cfg.train.nonfinite!r}")
         self.rank_device = ddp.init_from_env()
-        self._check_run_dir(resume)
+        check_run_dir(self.run_dir, resume)
         self.device = self.rank_device or resolve_device(cfg.train.device)
         self.amp = resolve_amp(cfg.train.amp, self.device)
         self.main = ddp.is_main_process()
@@ -224,46 +224,6 @@ class Trainer:
             handle.write(line + "\n")
 
     # ------------------------------------------------------------------ run directory, logs
-    def _check_run_dir(self, resume: bool) -> None:
-        """A new run needs a new (or empty) directory. One left by a run that died before its first
-        checkpoint (only the files a run writes first) is cleared with a message, so that its logs do not
-        mix with the new run's; a directory with a checkpoint or with other files is refused."""
-        try:
-            check_not_running(self.run_dir)
-        except RunLockedError as err:
-            raise ConfigError(str(err)) from None
-        ckpt = self.run_dir / "checkpoints"
-        if resume:
-            if not any((ckpt / n).is_file() for n in ("last.pt", "last.prev.pt")):
-                raise ConfigError(
-                    f"{self.run_dir}: no checkpoint to resume from (checkpoints/last.pt is missing; the run stopped "
-                    f"before its first checkpoint); start it again with `medsemi train CONFIG --run-dir "
-                    f"{self.run_dir}`"
-                )
-            return
-        if (ckpt / "last.pt").exists() or (ckpt / "last.prev.pt").exists():
-            raise ConfigError(
-                f"{self.run_dir} already holds a run (checkpoints/last.pt); continue it with "
-                f"`medsemi train --resume {self.run_dir}` or choose another --run-dir"
-            )
-        if not self.run_dir.is_dir() or not any(self.run_dir.iterdir()):
-            return
-        names = {p.name for p in self.run_dir.iterdir()}
-        foreign = sorted(names - RUN_FILES)
-        stale = [p for p in ckpt.iterdir() if not p.name.startswith(".")] if ckpt.is_dir() else []
-        if foreign or stale:
-            raise ConfigError(
-                f"{self.run_dir} is not empty ({', '.join(foreign or [p.name for p in stale])}) and holds no "
-                "resumable run; choose another --run-dir or empty it"
-            )
-        if ddp.is_main_process():
-            print(f"{self.run_dir}: a run stopped there before its first checkpoint; clearing its "
-                  f"{', '.join(sorted(names))} and starting again", file=sys.stderr)
-            for name in names:
-                target = self.run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        ddp.barrier()
-
     def _prepare_run_dir(self, resume: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
@@ -503,7 +463,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                 if len(pending) >= tr.log_every or self.iteration == tr.iterations:
-                    values = self._interval_means(pending)  # one sync; non-finite losses counted in it
+                    values = interval_means(pending, self.guard is not None)  # one sync; counts non-finite losses
                     self._check_finite(values, pending)
                     elapsed = time.perf_counter() - tic
                     values["it_per_s"] = len(pending) / max(elapsed, 1e-9)
@@ -539,23 +499,6 @@ class Trainer:
             lock.close()
             self._lock = None
 
-    def _interval_means(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Mean of each logged value over a log interval, plus ``nonfinite_steps``, in one host sync.
-        With ``skip_step``, the means are over the steps that were not skipped."""
-        ok = [torch.isfinite(p["loss"]) for p in pending]
-        means: dict[str, torch.Tensor] = {}
-        for k in [k for k in pending[-1] if k != "skipped"]:
-            vals = torch.stack([p[k].float() for p in pending if k in p])
-            if self.guard is None:
-                means[k] = vals.mean()
-            else:
-                keep = torch.stack([o for o, p in zip(ok, pending) if k in p])
-                means[k] = torch.where(keep, vals, torch.zeros_like(vals)).sum() / keep.sum()
-        means["nonfinite_steps"] = self._over_ranks((~torch.stack(ok)).sum().float())
-        if self.guard is not None:
-            means["skipped_steps"] = torch.stack([p["skipped"] for p in pending]).sum()
-        return dict(zip(means, torch.stack(list(means.values())).tolist()))
-
     def _check_finite(self, values: dict[str, float], pending: list[dict[str, torch.Tensor]]) -> None:
         bad = int(values.pop("nonfinite_steps"))
         if self.guard is not None:
@@ -565,39 +508,13 @@ class Trainer:
         elif bad == 0:
             return
         self._log({"kind": "train", "iteration": self.iteration, **values})
-        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=self.guard is not None)
-
-    def _first_nonfinite(self, pending: list[dict[str, torch.Tensor]]) -> int:
-        """The 1-based iteration of the first non-finite loss of the interval on this rank (the interval's
-        first iteration when only another rank had one)."""
-        flags = torch.stack([torch.isfinite(p["loss"]) for p in pending]).tolist()
-        first = self.iteration - len(pending) + 1
-        return first + (flags.index(False) if False in flags else 0)
-
-    @staticmethod
-    def _over_ranks(count: torch.Tensor) -> torch.Tensor:
-        """A count summed over ranks, so that every rank stops together (one collective per log interval)."""
-        if ddp.world_size() > 1:
-            dist.all_reduce(count)
-        return count
+        raise nonfinite_error(self.run_dir, first_nonfinite(pending, self.iteration), self.iteration,
+                              self.last_checkpoint, all_skipped=self.guard is not None)
 
     def _check_unlogged(self, pending: list[dict[str, torch.Tensor]]) -> None:
-        bad = ~torch.stack([torch.isfinite(p["loss"]) for p in pending])
-        if self._over_ranks(bad.sum().float()).item() == 0:  # rare: only when a checkpoint is due mid-interval
-            return
-        self._raise_nonfinite(self._first_nonfinite(pending), all_skipped=False)
-
-    def _raise_nonfinite(self, iteration: int, all_skipped: bool) -> None:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        good = (f"the last good checkpoint is {last} (iteration {self.last_checkpoint}); continue from it with "
-                f"`medsemi train --resume {self.run_dir} train.lr=<lower>`" if self.last_checkpoint is not None
-                else "no checkpoint was written before it")
-        what = (f"every step from iteration {iteration} to {self.iteration} had a non-finite loss and was skipped"
-                if all_skipped else f"the loss became non-finite (NaN or inf) at iteration {iteration}")
-        raise NonFiniteLossError(
-            f"{self.run_dir}: {what}; training stopped ({good}). Lower train.lr, check the data, or set "
-            "train.nonfinite=skip_step to skip such steps"
-        )
+        if any_nonfinite(pending):  # rare: only when a checkpoint is due mid-interval
+            raise nonfinite_error(self.run_dir, first_nonfinite(pending, self.iteration), self.iteration,
+                                  self.last_checkpoint, all_skipped=False)
 
     def _plain_line(self, it_per_s: float, losses: dict[str, float]) -> str:
         """One log-interval line without a progress bar: iteration/total, losses, it/s, ETA."""

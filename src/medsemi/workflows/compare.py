@@ -121,7 +121,8 @@ def train_and_evaluate(config: Path, method: str, seed: int, run_dir: Path, over
                        task: str = "") -> dict:
     """Train one method with one seed (on one task when ``task`` is given) and evaluate its checkpoints; a
     finished run directory with the same resolved config is reused."""
-    from medsemi.engine.trainer import NonFiniteLossError, Trainer
+    from medsemi.engine.nonfinite import NonFiniteLossError
+    from medsemi.engine.trainer import Trainer
     from medsemi.workflows.evaluate_run import evaluate_run
 
     cfg = run_config(config, method, seed, overrides, task)
