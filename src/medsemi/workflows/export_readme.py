@@ -55,15 +55,36 @@ def _normalise_line(intensity: dict[str, Any]) -> list[str]:
 
 
 def example_3d(fmt: str, spec: dict[str, Any]) -> str:
-    """NIfTI volume -> NIfTI mask (``python example.py IMAGE.nii.gz MASK.nii.gz`` in OUT_DIR)."""
+    """NIfTI volume -> NIfTI mask (``python example.py IMAGE.nii.gz MASK.nii.gz`` in OUT_DIR): the training
+    recipe's resampling and intensity normalisation, the sliding window, the largest connected component
+    when the run used it, and the mask back on the input grid, as ``medsemi predict`` does."""
     imp, run = RUNNERS[fmt]
-    resample = []
-    if spec["input"]["resample"]["target_spacing"]:
-        resample = ["# first resample x to spec['input']['resample']['target_spacing'] (scipy.ndimage.zoom, order 1)"]
+    resample, back = [], []
+    target = spec["input"]["resample"]["target_spacing"]
+    if target:
+        src = "(sp[0], sp[1], sp[0])" if spec["input"]["resample"]["pancreas_z_quirk"] else "sp"
+        resample = [
+            f"sp = nii.header.get_zooms()[:3]; f = [a / b for a, b in zip({src}, {list(target)})]",
+            "if any(abs(v - 1) > 1e-6 for v in f): x = ndimage.zoom(x, f, order=1).astype(np.float32)",
+        ]
+        back = [
+            "if fg.shape != nii.shape[:3]:  # back to the input grid (nearest neighbour)",
+            "    m = ndimage.zoom(fg.astype(np.uint8), [a / b for a, b in zip(nii.shape[:3], fg.shape)], order=0)",
+            "    fg = np.zeros(nii.shape[:3], np.uint8)",
+            "    c = tuple(slice(0, min(a, b)) for a, b in zip(m.shape, fg.shape)); fg[c] = m[c]",
+        ]
+    lcc = []
+    if spec["sliding_window"]["largest_connected_component"]:
+        lcc = [
+            "lab, n = ndimage.label(fg, np.ones((3, 3, 3)))  # largest connected component (26-connected)",
+            "if n > 1: sizes = np.bincount(lab.ravel()); sizes[0] = 0; fg = lab == sizes.argmax()",
+        ]
+    uses_scipy = bool(resample or lcc)
     return "\n".join([
         "import itertools, json, sys",
         "import nibabel as nib",
         "import numpy as np",
+        *(["from scipy import ndimage"] if uses_scipy else []),
         imp,
         "",
         'spec = json.load(open("preprocessing.json"))',
@@ -72,6 +93,7 @@ def example_3d(fmt: str, spec: dict[str, Any]) -> str:
         "nii = nib.load(sys.argv[1]); x = nii.get_fdata().astype(np.float32)",
         *resample,
         *_normalise_line(spec["input"]["intensity"]),
+        "shape = x.shape",
         "pad = [(max(a - n, 0) // 2, max(a - n, 0) - max(a - n, 0) // 2) for n, a in zip(x.shape, w)]",
         "x = np.pad(x, pad); prob = np.zeros((2, *x.shape), np.float32)",
         "starts = [sorted({min(k, n - a) for k in range(0, n - a + b, b)}) for n, a, b in zip(x.shape, w, s)]",
@@ -79,7 +101,9 @@ def example_3d(fmt: str, spec: dict[str, Any]) -> str:
         "    box = tuple(slice(i, i + a) for i, a in zip(corner, w))",
         "    z = run(x[box][None, None].astype(np.float32))[0]",
         "    e = np.exp(z - z.max(0)); prob[(slice(None), *box)] += e / e.sum(0)",
-        "fg = (prob[1] > prob[0])[tuple(slice(p, p + n) for (p, _), n in zip(pad, nii.shape))]",
+        "fg = (prob[1] > prob[0])[tuple(slice(p, p + n) for (p, _), n in zip(pad, shape))]",
+        *lcc,
+        *back,
         "nib.save(nib.Nifti1Image(fg.astype(np.uint8), nii.affine, nii.header), sys.argv[2])",
     ])
 
@@ -100,9 +124,10 @@ def readme_text(fmt: str, spec: dict[str, Any], source: str) -> str:
         code, usage = example_3d(fmt, spec), "python example.py IMAGE.nii.gz MASK.nii.gz"
         win = spec["input"]["window"]
         shape = f"`(N, 1, {win[0]}, {win[1]}, {win[2]})` float32 (one window); N is free"
-        caveat = (f"Task {spec['task']['id']} ({spec['task']['name']}) is built into this file. "
-                  "`medsemi predict EXPORT_DIR` also resamples to the training spacing and back and applies "
-                  "the largest-connected-component option recorded in preprocessing.json.")
+        caveat = (f"Task {spec['task']['id']} ({spec['task']['name']}) is built into this file. The example "
+                  "follows preprocessing.json: the training spacing (resampled there and the mask back), the "
+                  "intensity rule, the sliding window and the largest-connected-component option, as "
+                  "`medsemi predict EXPORT_DIR` does.")
     window = ", sliding window" if spec["dims"] == 3 else ""
     io = (f"image -> input (channels, resizing, intensity normalisation{window})"
           f", output -> mask (labels: {labels['kind']}, {labels['activation']}; classes "
