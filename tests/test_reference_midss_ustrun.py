@@ -11,12 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from reference.harness import assert_close, stand_in_engine
 from reference.midss_ustrun_reference import RefConfig, Reference, UstDraws
 
 import medsemi.methods.intermediate as intermediate_mod
 import medsemi.ops.boxes as boxes_mod
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.engine.trainer import Trainer, build_optimizer
+from medsemi.engine.trainer import Trainer
 from medsemi.methods.base import Progress
 from medsemi.methods.midss import MiDSS, MiDSSOptions
 from medsemi.methods.ustrun import USTRUN, USTRUNOptions
@@ -108,27 +109,13 @@ def _inject(monkeypatch, *, boxes, lam_u, method=None, ust=None, n_q=0):
 
 
 def _engine(method, lr=0.03):
-    """What Trainer.train_step reads, around our method (SGD, EMA, poly LR as configured)."""
-    train = SimpleNamespace(optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=False,
-                            schedule="poly", iterations=MAX_ITER, poly_power=0.9, ema_decay=0.99,
-                            nonfinite="stop")
-    cfg = SimpleNamespace(train=train)
-    eng = SimpleNamespace(cfg=cfg, method=method, device=torch.device("cpu"), amp="off",
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None,
-                          guard=None)
-    eng.optimizer = build_optimizer(cfg, method.trainable_parameters())
-    return eng
+    """SGD, EMA and poly LR as the papers' scripts configure them."""
+    return stand_in_engine(method, optimizer="sgd", lr=lr, momentum=0.9, weight_decay=1e-4, nesterov=False,
+                           schedule="poly", iterations=MAX_ITER, poly_power=0.9, ema_decay=0.99)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    if not a.is_floating_point():
-        assert torch.equal(a, b.to(a.dtype)), f"{what}: differs"
-        return
-    b = b.to(a.dtype)
-    err = (a - b).abs().max().item() if a.numel() else 0.0
-    scale = max(a.abs().max().item() if a.numel() else 0.0, 1e-3)
-    assert err <= RTOL * scale, f"{what}: max abs diff {err:.3e} (scale {scale:.3e})"
+    assert_close(a, b, what, RTOL)
 
 
 def _compare_nets(method, ref: Reference, step: int) -> None:

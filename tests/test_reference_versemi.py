@@ -13,10 +13,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from reference.harness import assert_close, stand_in_engine
 from reference.versemi_reference import VerSemiRefConfig, VerSemiReference
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
-from medsemi.engine.trainer import Trainer, build_optimizer
+from medsemi.engine.trainer import Trainer
 from medsemi.methods.base import Progress
 from medsemi.methods.versemi import VerSemi, VerSemiOptions
 from medsemi.nets.task_prompted import TaskPromptedVNet
@@ -94,25 +95,13 @@ def _inject(monkeypatch, stage: int, draws):
 
 
 def _engine(method):
-    train = SimpleNamespace(optimizer="adam", lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0, schedule="constant",
-                            iterations=len(ITERS), ema_decay=0.99, nonfinite="stop")
-    cfg = SimpleNamespace(train=train)
-    eng = SimpleNamespace(cfg=cfg, method=method, device=torch.device("cpu"), amp="off",
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), _sync_gradients=lambda: None,
-                          guard=None)
-    eng.optimizer = build_optimizer(cfg, method.trainable_parameters())
-    return eng
+    """Adam as VerSemi's train.py configures it, constant LR."""
+    return stand_in_engine(method, optimizer="adam", lr=1e-3, betas=(0.5, 0.999), weight_decay=0.0,
+                           schedule="constant", iterations=len(ITERS), ema_decay=0.99)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, rtol: float = RTOL) -> None:
-    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-    if not a.is_floating_point():
-        assert torch.equal(a, b.to(a.dtype)), f"{what}: {a.tolist()} != {b.tolist()}"
-        return
-    b = b.to(a.dtype)
-    err = (a - b).abs().max().item()
-    scale = max(a.abs().max().item(), 1e-3)
-    assert err <= rtol * scale, f"{what}: max abs diff {err:.3e} (scale {scale:.3e})"
+    assert_close(a, b, what, rtol)
 
 
 @pytest.mark.parametrize("bn_per_query,compat", [(True, False), (False, True)])
