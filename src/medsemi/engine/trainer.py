@@ -113,8 +113,6 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
     raise ValueError(f"train.optimizer must be sgd or adam, got {tr.optimizer!r}")
 
 
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
