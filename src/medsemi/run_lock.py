@@ -10,8 +10,8 @@ training ends, however it ends short of a hard kill. It serves two purposes:
 A lock left by a process that no longer exists (killed, machine restarted) is stale and is taken over.
 A lock written on another machine cannot be checked from here (a shared filesystem, e.g. a cluster job
 requeued on another node): training takes it over with a warning, since refusing would block the
-requeue. The trainer touches the file at every log line, so its modification time is the run's last
-sign of life.
+requeue. On Windows no pid is probed (``os.kill`` would terminate it), so locks count as uncheckable.
+The trainer touches the file at every log line, so its modification time is the run's last sign of life.
 """
 
 from __future__ import annotations
@@ -45,11 +45,14 @@ class LockHolder:
         return self.host == socket.gethostname()
 
     def alive(self) -> bool | None:
-        """Whether the holder still runs: True / False on this machine, None for another machine."""
+        """Whether the holder still runs: True / False on this machine, None where it cannot be checked
+        (another machine; Windows, where ``os.kill`` terminates instead of probing)."""
         if not self.here:
             return None
         if self.pid == os.getpid():
             return True
+        if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: not checkable
+            return None
         try:
             os.kill(self.pid, 0)  # signal 0: existence check only
         except ProcessLookupError:
@@ -97,8 +100,8 @@ def hold_run_lock(run_dir: Path) -> Iterator[Path]:
     check_not_running(run_dir)
     holder = read_lock(run_dir)
     if holder is not None and holder.alive() is None:
-        print(f"{run_dir}: taking over the lock of a run on another machine ({holder.describe()}); make "
-              "sure that run has stopped", file=sys.stderr)
+        print(f"{run_dir}: taking over run.lock ({holder.describe()}), whose process cannot be checked from "
+              "here; make sure that run has stopped", file=sys.stderr)
     path = run_dir / LOCK_NAME
     tmp = run_dir / f".{LOCK_NAME}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

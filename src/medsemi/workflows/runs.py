@@ -152,8 +152,8 @@ def _apply_lock(run_dir: Path, status: str, note: str) -> tuple[str, str]:
     since = "" if idle is None else f", last logged {_ago(idle)} ago"
     if alive:
         return "running", f"training: {holder.describe()}{since}"
-    return "running", (f"run.lock names {holder.describe()}{since}; another machine, cannot be checked from "
-                       "here (if that run was killed, `medsemi train --resume` takes over)")
+    return "running", (f"run.lock names {holder.describe()}{since}, which cannot be checked from here "
+                       "(if that run was killed, `medsemi train --resume` takes over)")
 
 
 def _ago(seconds: float) -> str:
