@@ -79,6 +79,9 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         rm, rv = (self.running_mean, self.running_var) if track else (None, None)
         weight, bias, eps = self.weight, self.bias, self.eps  # module attribute reads cost per group
         momentum = 0.0 if self.momentum is None else self.momentum
+        if x.device.type == "cpu":  # the kernel itself, without batch_norm's backend dispatch (no cuDNN here)
+            return torch.cat([torch.native_batch_norm(c, weight, bias, rm, rv, True, momentum, eps)[0]
+                              for c in chunks])
         cudnn = torch.backends.cudnn.enabled
         return torch.cat([torch.batch_norm(c, weight, bias, rm, rv, True, momentum, eps, cudnn) for c in chunks])
 
