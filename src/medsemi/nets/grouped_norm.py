@@ -62,9 +62,10 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         return self._forward_loop(x, sizes)
 
     def _forward_loop(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        """One native ``batch_norm`` per group, updating the buffers in order (exactly the sequential
-        calls). ``torch.batch_norm`` directly: ``F.batch_norm``'s Python checks cost more than the
-        kernel at small sizes."""
+        """One native BatchNorm kernel per group, updating the buffers in order (exactly the sequential
+        calls). Called directly (``torch.native_batch_norm`` on a CPU, ``torch.batch_norm`` elsewhere, for
+        cuDNN): ``F.batch_norm``'s Python checks and the backend dispatch cost more than the kernel at small
+        sizes."""
         track = self.training and self.track_running_stats
         chunks = x.split(list(sizes))
         if track and self.momentum is None:  # cumulative average: each group reads the counter it bumped
