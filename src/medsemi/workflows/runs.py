@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from medsemi.checkpoints import CheckpointError, load_checkpoint
+from medsemi.engine.trainer import format_eta
 from medsemi.run_lock import read_lock
 
 MAX_DEPTH = 4  # runs/compare/<method>/<seed> nests run directories
@@ -149,19 +150,11 @@ def _apply_lock(run_dir: Path, status: str, note: str) -> tuple[str, str]:
     if alive is False:
         return status, f"stale run.lock ({holder.describe()}, no longer running); " + note
     idle = holder.last_activity()
-    since = "" if idle is None else f", last logged {_ago(idle)} ago"
+    since = "" if idle is None else f", last logged {format_eta(idle)} ago"
     if alive:
         return "running", f"training: {holder.describe()}{since}"
     return "running", (f"run.lock names {holder.describe()}{since}, which cannot be checked from here "
                        "(if that run was killed, `medsemi train --resume` takes over)")
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def list_runs(root: str | Path = "runs") -> list[RunSummary]:
