@@ -82,9 +82,10 @@ def read_lock(run_dir: Path) -> LockHolder | None:
         return None
 
 
-def check_not_running(run_dir: Path) -> None:
-    """Raise :class:`RunLockedError` when another live process on this machine holds the run's lock."""
-    holder = read_lock(run_dir)
+def check_not_running(run_dir: Path, holder: LockHolder | None = None) -> None:
+    """Raise :class:`RunLockedError` when another live process on this machine holds the run's lock
+    (``holder``: the lock already read, else it is read here)."""
+    holder = read_lock(run_dir) if holder is None else holder
     if holder is not None and holder.pid != os.getpid() and holder.alive():
         raise RunLockedError(
             f"{run_dir}: another `medsemi train` is training in this run ({holder.describe()}); wait for it "
@@ -97,8 +98,8 @@ def check_not_running(run_dir: Path) -> None:
 def hold_run_lock(run_dir: Path) -> Iterator[Path]:
     """Hold ``run_dir/run.lock`` for the block (written atomically, removed on exit if still ours)."""
     run_dir = Path(run_dir)
-    check_not_running(run_dir)
     holder = read_lock(run_dir)
+    check_not_running(run_dir, holder)
     if holder is not None and holder.alive() is None:
         print(f"{run_dir}: taking over run.lock ({holder.describe()}), whose process cannot be checked from "
               "here; make sure that run has stopped", file=sys.stderr)
