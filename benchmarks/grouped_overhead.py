@@ -34,7 +34,7 @@ from medsemi.engine.trainer import Trainer  # noqa: E402
 from medsemi.families.select import build_family  # noqa: E402
 from medsemi.methods.base import Progress  # noqa: E402
 
-VARIANTS = ("fused", "grouped/loop", "grouped/one_pass")
+VARIANTS = ("fused", "grouped/interleaved", "grouped/loop", "grouped/one_pass")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

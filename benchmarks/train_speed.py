@@ -47,6 +47,7 @@ from medsemi.device import autocast_for, resolve_amp, resolve_device
 from medsemi.engine.ema import ema_update
 from medsemi.engine.trainer import Trainer, build_optimizer, unwrap
 from medsemi.methods.base import Progress
+from medsemi.methods.intermediate import GROUPED_NORMS
 
 METHODS = ("supervised", "mean_teacher", "fixmatch", "unimatch", "bcp", "midss", "ustrun")
 MODE_METHODS = ("midss", "ustrun")  # methods with method.forward_mode
@@ -115,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list; midss/ustrun run every forward mode, or name one as ustrun:grouped")
     p.add_argument("--forward-modes", default=None,
                    help="comma list of forward modes for midss/ustrun (default: all)")
-    p.add_argument("--grouped-norm", choices=("loop", "one_pass"), default=None,
-                   help="method.grouped_norm of the grouped forward mode (default: the method's, loop)")
+    p.add_argument("--grouped-norm", choices=GROUPED_NORMS, default=None,
+                   help="method.grouped_norm of the grouped forward mode (default: the method's, auto)")
     p.add_argument("--kinds", default=",".join(KINDS), help="comma list of label kinds: multilabel,exclusive")
     p.add_argument("--data", choices=("random", "pool"), default="random",
                    help="random: fixed random batches on the device (default); pool: the trainer's own "

@@ -113,7 +113,7 @@ def test_grouped_overhead_tiny_run(tmp_path):
     (res,) = saved["results"]
     assert res["method"] == "ustrun" and res["kind"] == "exclusive"
     assert set(res["ms"]) == set(module.VARIANTS) and all(v > 0 for v in res["ms"].values())
-    assert set(res["ratio_to_fused"]) == {"grouped/loop", "grouped/one_pass"}
+    assert set(res["ratio_to_fused"]) == {"grouped/interleaved", "grouped/loop", "grouped/one_pass"}
     assert all(v > 0 for v in res["ratio_to_fused"].values())
     with pytest.raises(SystemExit, match="--variants"):
         module.main(["--variants", "grouped/fast"])

@@ -9,7 +9,7 @@ from torch import nn
 
 from medsemi.data.contract import DatasetInfo, LabelSpec
 from medsemi.methods.base import Progress
-from medsemi.methods.intermediate import run_calls
+from medsemi.methods.intermediate import GROUPED_NORMS, run_calls
 from medsemi.methods.midss import MiDSS, MiDSSOptions
 from medsemi.methods.ustrun import USTRUN, USTRUNOptions
 from medsemi.nets.grouped_norm import IMPLS, GroupedBatchNorm2d, ensure_grouped_norm, grouped_batches
@@ -110,11 +110,17 @@ def test_one_pass_matches_loop_channels_last_and_low_precision(sizes, dtype):
     assert int(nets["one_pass"].num_batches_tracked) == int(nets["loop"].num_batches_tracked) == len(sizes)
 
 
-def test_one_pass_needs_two_values_per_channel_in_each_group():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_training_needs_two_values_per_channel_in_each_group(impl):
+    """As F.batch_norm refuses a one-value batch when training, and the separate call would."""
     bn = GroupedBatchNorm2d(2)
-    with pytest.raises(ValueError, match="more than 1 value per channel"), grouped_batches(bn, [2, 1], "one_pass"):
+    with pytest.raises(ValueError, match="more than 1 value per channel"), grouped_batches(bn, [2, 1], impl):
         bn(torch.randn(3, 2, 1, 1))
-    with pytest.raises(ValueError, match="one_pass"), grouped_batches(bn, [2, 1], "vectorised"):
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        run_calls(UNet2D(3, 2, 2).train(), [torch.randn(2, 3, 16, 16), torch.randn(1, 3, 16, 16)], "grouped")
+    with grouped_batches(bn.eval(), [2, 1], impl):
+        assert bn(torch.randn(3, 2, 1, 1)).shape == (3, 2, 1, 1)  # running statistics: no such need
+    with pytest.raises(ValueError, match="one_pass"), grouped_batches(GroupedBatchNorm2d(2), [2, 1], "vectorised"):
         pass
     with pytest.raises(ValueError, match="method.grouped_norm"):
         MiDSSOptions(forward_mode="grouped", grouped_norm="fast")
@@ -158,7 +164,7 @@ def test_ensure_grouped_norm_keeps_parameter_objects():
 
 
 @pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 3, 3, 3], [4, 4, 4, 4, 1], [2, 4, 3]])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", GROUPED_NORMS)
 def test_unet_grouped_forward_equals_separate_calls(sizes, impl):
     torch.manual_seed(2)
     ref = UNet2D(3, 2, 4).double().train()
@@ -197,6 +203,8 @@ def _data(spec, ch, b, seed, size=32):
 @pytest.mark.parametrize("method_cls,options,kind,impl", [
     (MiDSS, MiDSSOptions, "multilabel", "loop"), (MiDSS, MiDSSOptions, "exclusive", "one_pass"),
     (USTRUN, USTRUNOptions, "exclusive", "loop"), (USTRUN, USTRUNOptions, "multilabel", "one_pass"),
+    (MiDSS, MiDSSOptions, "exclusive", "interleaved"), (USTRUN, USTRUNOptions, "multilabel", "interleaved"),
+    (USTRUN, USTRUNOptions, "exclusive", "auto"),
 ])
 def test_method_step_grouped_equals_separate(method_cls, options, kind, impl):
     """A full MiDSS / UST-RUN step (iterations 0 and 1, so UST-RUN's unreliable slot joins at 1) from the

@@ -78,7 +78,8 @@ def _batches(info: DatasetInfo, b: int = 4) -> tuple[dict, dict]:
 _NAMES = [("supervised", {}), ("mean_teacher", {}), ("fixmatch", {}), ("unimatch", {}), ("bcp", {}),
           ("bcp", {"pretrain_iterations": 1})]
 _NAMES += [(name, {"forward_mode": mode}) for name in ("midss", "ustrun") for mode in ("separate", "fused", "grouped")]
-_NAMES += [("ustrun", {"forward_mode": "grouped", "grouped_norm": "one_pass"})]  # uneven groups (the LQ call)
+# grouped alone is grouped_norm=auto, which is interleaved here; the other two with uneven groups (the LQ call)
+_NAMES += [("ustrun", {"forward_mode": "grouped", "grouped_norm": norm}) for norm in ("one_pass", "loop")]
 # meta kernels of elementwise ops run in Python (~1 s per step here), so each variant runs on one label kind
 # (alternating), and UST-RUN, whose step synchronised before, on both
 VARIANTS = [(n, o, ("multilabel", "exclusive")[i % 2]) for i, (n, o) in enumerate(_NAMES)]

@@ -14,12 +14,14 @@ from torch import nn
 from medsemi.data.contract import LabelSpec
 from medsemi.losses import seg_loss
 from medsemi.methods.base import MethodOptions
-from medsemi.nets.grouped_norm import IMPLS, ensure_grouped_norm, grouped_batches, grouped_norm_modules
+from medsemi.nets.grouped_norm import GroupedBatchNorm2d, ensure_grouped_norm, grouped_batches, grouped_norm_modules
+from medsemi.nets.interleaved_norm import CallLayout, interleave_blocker, interleaved_batches
 from medsemi.ops.copy_paste import paste
 from medsemi.ops.pseudo_label import pseudo_label, symgd_fuse
 from medsemi.ops.tpram import amplitude_mix, sample_ratios
 
 FORWARD_MODES = ("separate", "fused", "grouped")
+GROUPED_NORMS = ("auto", "interleaved", "loop", "one_pass")
 
 
 @dataclass
@@ -40,22 +42,33 @@ class IntermediateOptions(MethodOptions):
     # grouped: one forward per network like fused, but BatchNorm statistics and running buffers per
     # original call (nets/grouped_norm.py), equal to separate up to rounding
     forward_mode: str = "separate"
-    # with forward_mode=grouped: loop = one native BatchNorm kernel per call (fewest operations in eager
-    # mode); one_pass = every call's statistics from one reduction and one in-place running update per
-    # buffer (what torch.compile can fuse). Both equal separate up to rounding.
-    grouped_norm: str = "loop"
+    # with forward_mode=grouped, how the per-call statistics are computed (all equal separate up to
+    # rounding): interleaved = the calls' samples interleaved so that one native BatchNorm kernel per block
+    # of equal calls computes them all (nets/interleaved_norm.py; NCHW, eager); loop = one native kernel
+    # per call; one_pass = one reduction and one in-place running update per buffer (what torch.compile
+    # can fuse); auto = interleaved where it fits (not compiled, not channels-last, fixed momentum), else loop
+    grouped_norm: str = "auto"
     # paper | released: a bundle of the settings below and train.amp (Method.presets; explicit keys win)
     preset: str = "paper"
 
     def __post_init__(self) -> None:
         if self.forward_mode not in FORWARD_MODES:
             raise ValueError(f"method.forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
-        if self.grouped_norm not in IMPLS:
-            raise ValueError(f"method.grouped_norm must be one of {IMPLS}, got {self.grouped_norm!r}")
+        if self.grouped_norm not in GROUPED_NORMS:
+            raise ValueError(f"method.grouped_norm must be one of {GROUPED_NORMS}, got {self.grouped_norm!r}")
+
+
+def compile_blocker(opts: IntermediateOptions) -> str | None:
+    """Why ``train.compile=true`` does not work with these options (``grouped_norm=auto`` compiles with
+    ``loop``)."""
+    if opts.forward_mode == "grouped" and opts.grouped_norm == "interleaved":
+        return ("method.grouped_norm=interleaved runs in eager mode only (it hands tensors to the BatchNorms "
+                "from outside the traced forward); use grouped_norm=auto, loop or one_pass")
+    return None
 
 
 def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str,
-              grouped_norm: str = "loop") -> list[torch.Tensor]:
+              grouped_norm: str = "auto") -> list[torch.Tensor]:
     """Run ``net`` on each input as separate calls (``separate``), or once on their concatenation with
     shared BatchNorm statistics (``fused``) or per-call statistics (``grouped``, spec 3.5, computed as
     ``grouped_norm`` says).
@@ -72,14 +85,33 @@ def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str,
     sizes = [len(x) for x in inputs]
     if mode == "fused":
         return list(net(torch.cat(inputs)).split(sizes))
-    modules = getattr(net, "_grouped_norm_modules", None)
-    if modules is None:  # first grouped call: convert once and keep the list (no walk over the net per call)
-        ensure_grouped_norm(net)
-        modules = grouped_norm_modules(net)
-        net._grouped_norm_modules = modules
-    with grouped_batches(net, sizes, grouped_norm, modules):
+    modules, impl = _grouped_setup(net, grouped_norm)
+    if impl == "interleaved":
+        layout = CallLayout.of(sizes)
+        with interleaved_batches(net, modules, layout):
+            out = net(layout.arrange(inputs))
+        return layout.split(out)
+    with grouped_batches(net, sizes, impl, modules):
         out = net(torch.cat(inputs))
     return list(out.split(sizes))
+
+
+def _grouped_setup(net: nn.Module, grouped_norm: str) -> tuple[list[GroupedBatchNorm2d], str]:
+    """The net's grouped BatchNorms and the computation ``grouped_norm`` resolves to, decided at the first
+    grouped call and kept on the net (no walk over the modules per call). The first call converts the
+    net's BatchNorm2d modules in place."""
+    cache = net.__dict__.setdefault("_grouped_norm_setup", {})
+    if grouped_norm not in cache:
+        if "modules" not in cache:
+            ensure_grouped_norm(net)
+            cache["modules"] = grouped_norm_modules(net)
+        modules = cache["modules"]
+        blocker = interleave_blocker(net, modules)
+        if grouped_norm == "interleaved" and blocker:
+            raise ValueError(f"method.grouped_norm=interleaved does not fit this network: {blocker}; "
+                             "use loop or one_pass")
+        cache[grouped_norm] = ("loop" if blocker else "interleaved") if grouped_norm == "auto" else grouped_norm
+    return cache["modules"], cache[grouped_norm]
 
 
 def style_shift(source: torch.Tensor, style: torch.Tensor, fraction: float, opts: IntermediateOptions,

@@ -11,6 +11,7 @@ import torch
 from medsemi.methods.base import Batch, Method, Progress, StepOutput
 from medsemi.methods.intermediate import (
     IntermediateOptions,
+    compile_blocker,
     run_calls,
     seg,
     style_shift,
@@ -37,6 +38,9 @@ class MiDSS(Method):
     smoothed_empty_rule = "midss"  # its metrics file leaves the empty-empty rule out: 1/1.001 (spec 3.4)
     # released: the public code autocasts in fp16 with a GradScaler (spec addendum "AMP dtype")
     presets = {"paper": {}, "released": {"train": {"amp": "fp16"}}}
+
+    def compile_blocker(self) -> str | None:
+        return compile_blocker(self.options)  # type: ignore[arg-type]
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator

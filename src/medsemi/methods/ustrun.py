@@ -12,6 +12,7 @@ import torch
 from medsemi.methods.base import Batch, Method, Progress, StepOutput
 from medsemi.methods.intermediate import (
     IntermediateOptions,
+    compile_blocker,
     run_calls,
     seg,
     style_shift,
@@ -107,6 +108,9 @@ class USTRUN(Method):
         y = paste(lq_y, lab_y, box)
         k = paste(self.lq_mask[None], torch.ones_like(self.lq_mask[None]), box)
         return x, y, k
+
+    def compile_blocker(self) -> str | None:
+        return compile_blocker(self.options)  # type: ignore[arg-type]
 
     def train_step(self, labelled: Batch, unlabelled: Batch | None, progress: Progress) -> StepOutput:
         o, spec, g = self.options, self.label_spec, self.generator

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _HERE = "nets/grouped_norm.py"
-IMPLS = ("loop", "one_pass")
+IMPLS = ("loop", "one_pass")  # what grouped_batches computes; "interleaved" is set by nets/interleaved_norm.py
+_unsafe_view = torch.ops.aten._unsafe_view  # a reshape that autograd does not record as a view
 
 
 class GroupedBatchNorm2d(nn.BatchNorm2d):
@@ -43,6 +44,9 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
       view when the groups are equal; per-sample statistics pooled per group otherwise), one
       ``addcmul`` for the output, and a closed-form running update. No per-group kernels and one
       in-place update per buffer, so ``torch.compile`` can fuse it.
+
+    A third, ``interleaved``, needs the calls' samples interleaved in the batch and is set up by
+    :func:`medsemi.nets.interleaved_norm.interleaved_batches`: one native kernel per block of equal calls.
     """
 
     group_sizes: tuple[int, ...] | None = None  # class defaults, so a swapped-in module needs no __init__
@@ -57,9 +61,34 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         if sum(sizes) != x.shape[0]:
             raise ValueError(f"{_HERE}: group sizes {list(sizes)} sum to {sum(sizes)}, "
                              f"but the batch has {x.shape[0]} samples")
+        if self.training and min(sizes) * x.shape[2] * x.shape[3] == 1:  # as F.batch_norm checks each call
+            raise ValueError(f"{_HERE}: expected more than 1 value per channel in each group when training "
+                             f"(group sizes {list(sizes)}, input {tuple(x.shape)})")
+        if self.impl == "interleaved":
+            return self._forward_interleaved(x)
         if self.impl == "one_pass":
             return self._forward_one_pass(x, sizes)
         return self._forward_loop(x, sizes)
+
+    def _forward_interleaved(self, x: torch.Tensor) -> torch.Tensor:
+        """One native kernel per block of equal calls on the ``(n, G·C, H, W)`` view of an interleaved batch
+        (nets/interleaved_norm.py, which hands out the repeated weights and the scratch for the statistics).
+        With autograd the output is re-shaped with ``_unsafe_view``, which autograd does not treat as a view:
+        the U-Net's in-place ReLU on a view would add a CopySlices and an AsStrided node per layer."""
+        entry = self.__dict__.get("_interleave")
+        if entry is None:
+            raise ValueError(f"{_HERE}: the interleaved layout is set by nets.interleaved_norm.interleaved_batches")
+        plan = entry[0]
+        if not x.is_contiguous():  # channels-last: the channel view needs NCHW memory
+            x = x.contiguous()
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        shapes = plan.shapes
+        chunks = x.split([n * g for n, g in shapes]) if len(shapes) > 1 else (x,)
+        reshape = _unsafe_view if torch.is_grad_enabled() else torch.Tensor.view
+        outs = [reshape(torch.native_batch_norm(chunk.view(n, g * c, h, w), weight, bias, mean, var,
+                                                True, 1.0, self.eps)[0], chunk.shape)
+                for (n, g), chunk, (weight, bias, mean, var) in zip(shapes, chunks, plan.block_arguments(entry))]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _forward_loop(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
         """One native BatchNorm kernel per group, updating the buffers in order (exactly the sequential
@@ -96,9 +125,6 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
         """
         groups, c = len(sizes), x.shape[1]
         spatial = math.prod(x.shape[2:])
-        if min(sizes) * spatial <= 1:
-            raise ValueError(f"{_HERE}: expected more than 1 value per channel in each group "
-                             f"(group sizes {list(sizes)}, input {tuple(x.shape)})")
         xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         if len(set(sizes)) == 1:
             x5 = xs.unflatten(0, (groups, sizes[0])).flatten(3)  # (G, n, C, H·W): a view in either layout
@@ -187,18 +213,18 @@ def grouped_batches(model: nn.Module, sizes: Sequence[int], impl: str = "loop",
     modules = grouped_norm_modules(model) if modules is None else modules
     previous = [(m.group_sizes, m.impl) for m in modules]
     for m in modules:
-        _set_layout(m, sizes, impl)
+        set_layout(m, sizes, impl)
     try:
         yield
     finally:
         for m, (old_sizes, old_impl) in zip(modules, previous):
-            _set_layout(m, old_sizes, old_impl)
+            set_layout(m, old_sizes, old_impl)
 
 
-def _set_layout(module: GroupedBatchNorm2d, sizes: tuple[int, ...] | None, impl: str) -> None:
-    """Set the two plain attributes through the instance dict: ``nn.Module.__setattr__`` checks every
-    value against parameters, buffers and submodules, which measured ~1 ms of a 45 ms UST-RUN step at
-    32 px (18 modules, two grouped calls, set and restored)."""
+def set_layout(module: GroupedBatchNorm2d, sizes: tuple[int, ...] | None, impl: str) -> None:
+    """Set a module's group layout, the two plain attributes, through the instance dict:
+    ``nn.Module.__setattr__`` checks every value against parameters, buffers and submodules, which
+    measured ~1 ms of a 45 ms UST-RUN step at 32 px (18 modules, two grouped calls, set and restored)."""
     module.__dict__["group_sizes"] = sizes
     module.__dict__["impl"] = impl
 
