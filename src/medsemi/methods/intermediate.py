@@ -75,7 +75,8 @@ def run_calls(net: nn.Module, inputs: list[torch.Tensor], mode: str,
 
     ``grouped`` converts the network's BatchNorm2d modules to GroupedBatchNorm2d on first use, in place
     (only the class of each module object changes, so the optimiser keeps holding the same parameters);
-    with ``torch.compile`` convert before compiling (``nets.grouped_norm.ensure_grouped_norm``).
+    with ``torch.compile`` convert before compiling (``nets.grouped_norm.ensure_grouped_norm``). With
+    ``interleaved`` the batch interleaves the calls' samples and each call's output is a strided view.
     """
     if mode not in FORWARD_MODES:
         raise ValueError(f"methods/intermediate.py: forward mode must be one of {FORWARD_MODES}, "

@@ -83,11 +83,16 @@ class GroupedBatchNorm2d(nn.BatchNorm2d):
             x = x.contiguous()
         c, h, w = x.shape[1], x.shape[2], x.shape[3]
         shapes = plan.shapes
-        chunks = x.split([n * g for n, g in shapes]) if len(shapes) > 1 else (x,)
+        # unsafe_split: chunks that autograd does not record as views (fewer nodes; they are only read)
+        chunks = torch.unsafe_split_with_sizes(x, [n * g for n, g in shapes]) if len(shapes) > 1 else (x,)
         reshape = _unsafe_view if torch.is_grad_enabled() else torch.Tensor.view
-        outs = [reshape(torch.native_batch_norm(chunk.view(n, g * c, h, w), weight, bias, mean, var,
-                                                True, 1.0, self.eps)[0], chunk.shape)
-                for (n, g), chunk, (weight, bias, mean, var) in zip(shapes, chunks, plan.block_arguments(entry))]
+        outs = []
+        for (n, g), chunk, (weight, bias, mean, var) in zip(shapes, chunks, plan.block_arguments(entry)):
+            if g == 1:  # one call of this size: the chunk as it is
+                outs.append(torch.native_batch_norm(chunk, weight, bias, mean, var, True, 1.0, self.eps)[0])
+                continue
+            y = torch.native_batch_norm(chunk.view(n, g * c, h, w), weight, bias, mean, var, True, 1.0, self.eps)[0]
+            outs.append(reshape(y, chunk.shape))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _forward_loop(self, x: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:

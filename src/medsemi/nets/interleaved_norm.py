@@ -178,7 +178,6 @@ class _Plan:
     @torch.no_grad()
     def fold(self, scratch: torch.Tensor) -> None:
         """Apply every call's momentum update to every running buffer from this forward's scratch."""
-        self.weights, self.stats = [], []  # no reference to this forward's graph stays behind
         if not self.folded:
             return
         # the buffers are read now, not kept: .to() or an assignment may have replaced them since
@@ -206,6 +205,7 @@ def interleaved_batches(net: nn.Module, modules: Sequence[GroupedBatchNorm2d], l
         for m in plan.modules:
             d = m.__dict__
             del d["group_sizes"], d["impl"], d["_interleave"]  # back to the class defaults: no layout
+        plan.weights, plan.stats = [], []  # no reference to this forward's graph stays behind
     plan.fold(scratch)
 
 
