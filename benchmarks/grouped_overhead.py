@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.rounds < 1 or args.size < 16 or args.size % 16:
         raise SystemExit("benchmarks/grouped_overhead.py: --rounds >= 1 and --size a multiple of 16 are needed")
     device = resolve_device(args.device)
+    channels_last = args.channels_last == "true" or (args.channels_last == "auto" and device.type == "cuda")
+    if channels_last and "grouped/interleaved" in labels:  # it needs NCHW activations (nets/interleaved_norm.py)
+        labels.remove("grouped/interleaved")
+        print("grouped/interleaved skipped: it needs NCHW activations; run it with --channels-last false")
     if args.clock == "process" and device.type != "cpu":
         args.clock = "wall"  # CPU time does not count the GPU's work
     clock = time.process_time if args.clock == "process" else time.perf_counter

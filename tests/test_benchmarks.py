@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -117,3 +120,40 @@ def test_grouped_overhead_tiny_run(tmp_path):
     assert all(v > 0 for v in res["ratio_to_fused"].values())
     with pytest.raises(SystemExit, match="--variants"):
         module.main(["--variants", "grouped/fast"])
+
+
+def _bench_module(name):
+    _load()  # train_speed.py, which the others import from beside them
+    key = f"medsemi_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, REPO / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+
+
+def test_gpu_checks_script_parses_and_its_benchmark_options_exist():
+    """benchmarks/gpu_checks.sh is run once on a lent GPU, with no time to fix it there: bash accepts it,
+    and every benchmark command in it, with the QUICK sizes, is accepted by that benchmark's parser."""
+    path = REPO / "benchmarks" / "gpu_checks.sh"
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    script = path.read_text().replace("\\\n", " ")
+    quick = dict(kv.split("=", 1) for kv in re.search(r"DEVICE=cpu[^\n]*", script).group(0).split())
+    commands = re.findall(r"benchmarks/(\w+)\.py ([^\n]*)", script)
+    assert {name for name, _ in commands} == {"grouped_overhead", "train_speed", "versemi_speed"}
+    for name, args in commands:
+        for var, value in quick.items():
+            args = args.replace(f'"${var}"', value)
+        argv = shlex.split(args.replace("$OUT", str(REPO / "gpu_checks")))
+        assert not [a for a in argv if "$" in a], (name, argv)
+        _bench_module(name).parse_args(argv)
+
+
+def test_grouped_overhead_skips_interleaved_with_channels_last(capsys):
+    module = _bench_module("grouped_overhead")
+    report = module.main(["--size", "32", "--base-channels", "2", "--batch", "2", "--rounds", "1", "--warmup", "0",
+                          "--methods", "midss", "--kinds", "exclusive", "--device", "cpu", "--channels-last", "true",
+                          "--variants", "fused,grouped/interleaved"])
+    assert "grouped/interleaved skipped" in capsys.readouterr().out
+    assert set(report["results"][0]["ms"]) == {"fused"}
