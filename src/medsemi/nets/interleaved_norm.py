@@ -177,7 +177,9 @@ class _Plan:
 
     @torch.no_grad()
     def fold(self, scratch: torch.Tensor) -> None:
-        """Apply every call's momentum update to every running buffer from this forward's scratch."""
+        """Apply every call's momentum update to every running buffer from this forward's scratch.
+        (On CUDA, ``index_add_`` sums with atomics, so the last bit may vary between runs unless
+        ``train.deterministic=true``, as for cuDNN's convolutions.)"""
         if not self.folded:
             return
         # the buffers are read now, not kept: .to() or an assignment may have replaced them since
