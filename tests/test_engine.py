@@ -33,25 +33,29 @@ def _weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.method.state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["supervised", "mean_teacher", "midss", "ustrun"])
-def test_resume_equals_uninterrupted(tmp_path, tiny_overrides, method):
+@pytest.mark.parametrize("method,extra", [("supervised", ()), ("mean_teacher", ()), ("midss", ()), ("ustrun", ()),
+                                          ("ustrun", ("method.forward_mode=grouped",))],  # interleaved BN on a CPU
+                         ids=["supervised", "mean_teacher", "midss", "ustrun", "ustrun-grouped"])
+def test_resume_equals_uninterrupted(tmp_path, tiny_overrides, method, extra):
     if method not in available_methods():
         pytest.skip(f"{method} not registered")
-    cfg = _cfg(tiny_overrides, f"method.name={method}")
+    cfg = _cfg(tiny_overrides, f"method.name={method}", *extra)
     straight = Trainer(cfg, tmp_path / "straight")
     straight.fit()
     assert straight.finished
 
-    cfg = _cfg(tiny_overrides, f"method.name={method}")
+    cfg = _cfg(tiny_overrides, f"method.name={method}", *extra)
     first = Trainer(cfg, tmp_path / "resumed")
     first.fit(stop_after=3)  # interrupted between checkpoints: the stop writes one
     assert first.iteration == 3 and not first.finished
     del first
-    cfg = _cfg(tiny_overrides, f"method.name={method}")
+    cfg = _cfg(tiny_overrides, f"method.name={method}", *extra)
     second = Trainer(cfg, tmp_path / "resumed", resume=True)
     assert second.iteration == 3
     second.fit()
     assert second.finished
+    if extra:  # the grouped forward ran as grouped_norm=auto resolved it here
+        assert second.method.student.__dict__["_grouped_norm_setup"]["auto"] == "interleaved"
 
     a, b = _weights(straight), _weights(second)
     assert a.keys() == b.keys()
