@@ -105,7 +105,7 @@ class _Plan:
     def __init__(self, layout: CallLayout, modules: Sequence[GroupedBatchNorm2d], device: torch.device,
                  param_dtype: torch.dtype | None, stat_dtype: torch.dtype) -> None:
         calls, blocks = len(layout.sizes), len(layout.blocks)
-        self.sizes, self.shapes, self.calls = layout.sizes, layout.shapes, calls
+        self.shapes, self.calls = layout.shapes, calls
         self.modules = list(modules)
         self.affine = [m for m in modules if m.affine]
         self.folded = [m for m in modules if m.training and m.track_running_stats]
@@ -214,15 +214,14 @@ def interleaved_batches(net: nn.Module, modules: Sequence[GroupedBatchNorm2d], l
 def _plan_for(net: nn.Module, layout: CallLayout, modules: Sequence[GroupedBatchNorm2d]) -> _Plan:
     """The cached plan for this layout and the modules' train/eval states (built at first use). Active
     modules are those that normalise with batch statistics (training, or without running buffers)."""
-    states = tuple(m.training or not m.track_running_stats for m in modules)
-    key = (layout.sizes, states, tuple(m.training for m in modules))
+    key = (layout.sizes, tuple(m.training for m in modules))  # track_running_stats is fixed per module
     plans = net.__dict__.setdefault("_interleave_plans", {})
     plan = plans.get(key)
     probe = next(iter(modules[0]._parameters.values()), None) if modules else None
     if plan is None or (probe is not None and (probe.device, probe.dtype) != (plan.device, plan.param_dtype)):
         if len(plans) >= _MAX_PLANS:
             plans.clear()
-        active = [m for m, on in zip(modules, states) if on]
+        active = [m for m in modules if m.training or not m.track_running_stats]
         stat = next((m._buffers["running_mean"] for m in active if m.track_running_stats), None)
         device = probe.device if probe is not None else torch.device("cpu")
         plan = plans[key] = _Plan(layout, active, device, probe.dtype if probe is not None else None,
